@@ -1,0 +1,1 @@
+"""Who may listen: credentials, the database lookups and the connect check."""

@@ -1,0 +1,86 @@
+"""Find the credentials a client sent, and check the shape of ids (pure).
+
+First found wins (contract 4): the Socket.IO ``auth`` payload, then the query
+string, then ``Authorization: Bearer`` (with organizationId from auth or query).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from app.errors import Refusal
+
+_ORGANIZATION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_TOKEN = 4096
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A token and the organization the client asks to listen to."""
+
+    token: str
+    organization_id: str
+
+    def __repr__(self) -> str:  # never show the token
+        return f"Credentials(token=..., organization_id={self.organization_id!r})"
+
+
+def is_valid_organization_id(value: str) -> bool:
+    """Tell whether ``value`` is 1-64 characters of ``A-Z a-z 0-9 _ -``."""
+    return _ORGANIZATION_RE.fullmatch(value) is not None
+
+
+def is_valid_user_id(value: str) -> bool:
+    """Tell whether ``value`` is 1-80 printable characters without whitespace."""
+    return 0 < len(value) <= 80 and value.isprintable() and not any(c.isspace() for c in value)
+
+
+def _text(value: Any) -> str | None:
+    """Accept strings and (for organizationId) integers, as JS clients send them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+def extract(auth: Any, environ: Mapping[str, Any]) -> Credentials:
+    """Return the client's credentials.
+
+    :raise Refusal: token_missing, organization_missing, organization_invalid
+    """
+    payload: Mapping[str, Any] = auth if isinstance(auth, Mapping) else {}
+    query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=64)
+
+    def from_query(name: str) -> str | None:
+        values = query.get(name)
+        return values[0] if values and values[0] else None
+
+    raw_token = payload.get("token")
+    token = raw_token if isinstance(raw_token, str) and raw_token else from_query("token")
+    if not token:
+        header = str(environ.get("HTTP_AUTHORIZATION", ""))
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token = value.strip()
+    if not token:
+        raise Refusal("token_missing")
+
+    raw_org = payload.get("organizationId")
+    organization_id = _text(raw_org) or from_query("organizationId")
+    if organization_id is None:
+        if raw_org not in (None, ""):
+            raise Refusal("organization_invalid")  # a list, an object, a boolean...
+        raise Refusal("organization_missing")
+    if not is_valid_organization_id(organization_id):
+        raise Refusal("organization_invalid")
+    if len(token) > _MAX_TOKEN:
+        # No real token is this long; do not send it to the database.
+        raise Refusal("token_invalid")
+    return Credentials(token=token, organization_id=organization_id)

@@ -1,0 +1,68 @@
+"""The two configurable lookups of contract 2, against the application's database.
+
+The connect check costs one round trip: the token SQL becomes a CTE and the
+membership SQL an ``EXISTS`` over it, its ``%(user_id)s`` bound to the
+token's own ``user_id`` column. This rewrites only the operator's configured
+SQL, never client input; client values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Database(Protocol):
+    def fetch_one(self, sql: str, params: dict[str, Any],
+                  timeout: float | None = None) -> tuple[Any, ...] | None: ...
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """What the database says of a token, seen for one organization."""
+
+    user_id: str
+    active: bool
+    #: seconds until ``expires`` as the database computes it; None: never
+    expires_in: float | None
+    member: bool
+
+
+class AuthStore:
+    """Token and membership lookups through configurable SQL."""
+
+    def __init__(self, db: Database, token_sql: str, membership_sql: str) -> None:
+        self._db = db
+        self._membership_sql = membership_sql
+        membership_of_token = membership_sql.replace(
+            "%(user_id)s", "(SELECT user_id FROM orgcast_token LIMIT 1)")
+        # expires is compared in the database, in the session's time zone
+        # (contract 2), so the remaining lifetime is computed there too.
+        self._combined_sql = (
+            f"WITH orgcast_token AS ({token_sql}) "
+            "SELECT t.user_id::text, t.active, "
+            "EXTRACT(EPOCH FROM (t.expires::timestamptz - NOW()))::float8, "
+            f"EXISTS ({membership_of_token}) "
+            "FROM orgcast_token t LIMIT 1"
+        )
+
+    def lookup(self, token: str, organization_id: str) -> TokenRow | None:
+        """Return the token's row with its membership in the organization, or None.
+
+        :raise Unavailable: the database did not answer in time
+        """
+        row = self._db.fetch_one(self._combined_sql,
+                                 {"token": token, "organization_id": organization_id})
+        if row is None or row[0] is None:
+            return None
+        user_id, active, expires_in, member = row
+        return TokenRow(str(user_id), bool(active), expires_in, bool(member))
+
+    def is_member(self, organization_id: str, user_id: str) -> bool:
+        """Tell whether the user belongs to the organization.
+
+        :raise Unavailable: the database did not answer in time
+        """
+        row = self._db.fetch_one(self._membership_sql,
+                                 {"organization_id": organization_id, "user_id": user_id})
+        return row is not None

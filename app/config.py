@@ -1,0 +1,306 @@
+"""Settings: read once from the environment, typed, frozen, validated.
+
+This is the only module that reads ``os.environ`` (through ``load_settings``).
+Each field declares its variable name, default and one-line doc in its
+metadata; the README's configuration table is generated from (and tested
+against) these declarations, the way gunicorn builds its settings doc.
+
+A bad value raises ``ConfigError`` whose message names the variable and
+never echoes the value of a secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Secret(str):
+    """A string that does not show itself in repr() or logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+
+DEFAULT_TOKEN_SQL = (
+    "SELECT user_id, expires > NOW() AS active, expires "
+    "FROM oauth_access_tokens WHERE access_token = %(token)s"
+)
+DEFAULT_MEMBERSHIP_SQL = (
+    "SELECT 1 FROM organization_users "
+    "WHERE organization_id = %(organization_id)s AND user_id = %(user_id)s"
+)
+
+TRANSPORTS = ("polling", "websocket")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# --- casts: each takes the raw string and returns the typed value or raises
+# ValueError with a message that is safe to show (never the value of a secret).
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _opt_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _pos_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected a positive integer") from None
+    if value < 1:
+        raise ValueError("expected a positive integer")
+    return value
+
+
+def _non_neg_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds >= 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a number of seconds >= 0")
+    return value
+
+
+def _pos_float(raw: str) -> float:
+    value = _non_neg_float(raw)
+    if value == 0:
+        raise ValueError("expected a number of seconds > 0")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _bind(raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("unix:"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT or unix:PATH")
+    return value
+
+
+def _dsn(raw: str) -> Secret | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("postgres://", "postgresql://")) and "=" not in value:
+        raise ValueError("expected a postgresql:// URL or a libpq key=value string")
+    return Secret(value)
+
+
+def _redis_url(raw: str) -> Secret | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return Secret(value)
+
+
+def _secrets(raw: str) -> tuple[Secret, ...]:
+    keys = tuple(Secret(k.strip()) for k in raw.split(",") if k.strip())
+    if any(len(k) < 16 for k in keys):
+        raise ValueError("each key must be at least 16 characters")
+    return keys
+
+
+_ORIGIN_RE = re.compile(r"^https?://[^/\s]+$")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    value = raw.strip()
+    if value == "*":
+        return ("*",)
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        if not _ORIGIN_RE.match(origin):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+    return origins
+
+
+def _transports(raw: str) -> tuple[str, ...]:
+    value = raw.strip().lower()
+    if value == "auto":
+        return ()
+    chosen = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not chosen or any(t not in TRANSPORTS for t in chosen):
+        raise ValueError("expected auto or a comma list of polling, websocket")
+    return chosen
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError("expected one of " + ", ".join(options))
+        return value
+
+    return cast
+
+
+def _sql(*params: str) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        value = raw.strip().rstrip(";").strip()
+        if not value.lower().startswith(("select", "with")):
+            raise ValueError("expected a SELECT statement")
+        for name in params:
+            if f"%({name})s" not in value:
+                raise ValueError(f"expected the named parameter %({name})s")
+        return value
+
+    return cast
+
+
+def _timezone(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_+\-/:]{1,64}", value):
+        raise ValueError("expected a time zone name such as UTC or Europe/Paris")
+    return value
+
+
+def _path(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def setting(env: str, default: str, doc: str, cast: Callable[[str], Any], secret: bool = False) -> Any:
+    """Declare one setting: its variable, default (as the env string) and doc."""
+    return field(metadata={"env": env, "default": default, "doc": doc, "cast": cast, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of orgcast; build it with ``load_settings``."""
+
+    database_url: Secret | None = setting(
+        "DATABASE_URL", "", "Postgres DSN of the application database (required; `make run` starts a local one when unset)",
+        _dsn, secret=True)
+    redis_url: Secret | None = setting(
+        "REDIS_URL", "", "Redis URL for fan-out between workers/hosts and the Socket.IO emitter protocol (unset: no Redis)",
+        _redis_url, secret=True)
+    bind: str = setting("BIND", "127.0.0.1:8000", "gunicorn bind address", _bind)
+    web_concurrency: int = setting(
+        "WEB_CONCURRENCY", "1", "gunicorn worker processes (more than 1 turns long-polling off unless `ORGCAST_TRANSPORTS` says otherwise)",
+        _pos_int)
+    api_keys: tuple[Secret, ...] = setting(
+        "ORGCAST_API_KEYS", "", "comma-separated secrets (16+ characters each) for the server API; unset: server API answers 401",
+        _secrets, secret=True)
+    cors_origins: tuple[str, ...] = setting(
+        "ORGCAST_CORS_ORIGINS", "", "comma-separated allowed browser origins, or `*`; unset: same origin only", _origins)
+    transports: tuple[str, ...] = setting(
+        "ORGCAST_TRANSPORTS", "auto",
+        "`auto` (polling and websocket with one worker, websocket only with more) or a comma list of `polling`, `websocket`",
+        _transports)
+    worker_connections: int = setting(
+        "ORGCAST_WORKER_CONNECTIONS", "10000", "concurrent connections per worker before gunicorn queues new ones", _pos_int)
+    db_pool_size: int = setting(
+        "ORGCAST_DB_POOL_SIZE", "10", "Postgres connections per worker process", _pos_int)
+    db_timeout: float = setting(
+        "ORGCAST_DB_TIMEOUT", "2", "seconds a lookup may take (pool wait, connect and query) before the client gets `unavailable`",
+        _pos_float)
+    db_timezone: str | None = setting(
+        "ORGCAST_DB_TIMEZONE", "", "session time zone for `expires` comparisons, e.g. `UTC` (unset: the database's own)", _timezone)
+    token_sql: str = setting(
+        "ORGCAST_TOKEN_SQL", DEFAULT_TOKEN_SQL,
+        "token lookup; named parameter `%(token)s`; returns `user_id, active, expires`", _sql("token"))
+    membership_sql: str = setting(
+        "ORGCAST_MEMBERSHIP_SQL", DEFAULT_MEMBERSHIP_SQL,
+        "membership lookup; named parameters `%(organization_id)s`, `%(user_id)s`; a row means member",
+        _sql("organization_id", "user_id"))
+    auth_cache_ttl: float = setting(
+        "ORGCAST_AUTH_CACHE_TTL", "10",
+        "seconds an accepted (token, organization) stays cached, never past the token's expiry; 0 turns the cache off",
+        _non_neg_float)
+    max_payload: int = setting(
+        "ORGCAST_MAX_PAYLOAD", "1048576", "largest HTTP body, polling payload or WebSocket message accepted, in bytes", _pos_int)
+    log_level: str = setting("ORGCAST_LOG_LEVEL", "info", "one of debug, info, warning, error", _choice(LOG_LEVELS))
+    log_format: str = setting("ORGCAST_LOG_FORMAT", "text", "`text` or `json` (one object a line)", _choice(LOG_FORMATS))
+    access_log: bool = setting("ORGCAST_ACCESS_LOG", "true", "write gunicorn's access log (tokens redacted) to stdout", _bool)
+    demo_dir: str | None = setting(
+        "ORGCAST_DEMO_DIR", "", "folder holding `socket.io.min.js`; set by `make run` when it loads demo data, turns `/demo` on",
+        _path)
+
+    @property
+    def effective_transports(self) -> tuple[str, ...]:
+        """Transports to offer: polling needs one worker (or sticky sessions)."""
+        if self.transports:
+            return self.transports
+        return TRANSPORTS if self.web_concurrency == 1 else ("websocket",)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting by variable name, secrets redacted."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                value = _redact_secret(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.metadata["env"]] = value
+        out["ORGCAST_TRANSPORTS (effective)"] = list(self.effective_transports)
+        return out
+
+
+def _redact_secret(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return ["**********" for _ in value]
+    text = str(value)
+    if "://" in text:
+        # Keep scheme, host and database: useful to an operator, not secret.
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        if parts.username:
+            host = f"{parts.username}:**********@{host}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return "**********"
+
+
+def declarations() -> list[tuple[str, str, str]]:
+    """(variable, default, doc) for every setting, in declaration order."""
+    return [(f.metadata["env"], f.metadata["default"], f.metadata["doc"]) for f in fields(Settings)]
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment; raise ConfigError naming the variable."""
+    if environ is None:
+        import os
+
+        environ = os.environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        env = f.metadata["env"]
+        raw = environ.get(env)
+        if raw is None or not raw.strip():
+            raw = f.metadata["default"]
+        try:
+            values[f.name] = f.metadata["cast"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{env}: {exc}") from None
+    return Settings(**values)

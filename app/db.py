@@ -1,0 +1,146 @@
+"""Postgres access: a cooperative, bounded connection pool with hard time limits.
+
+Why not psycopg2's own pools: ``ThreadedConnectionPool`` raises at once when
+exhausted instead of waiting, and keeps connections that a ``gevent.Timeout``
+left closed mid-query. Here a caller waits (cooperatively, bounded) for a
+slot, and any connection that saw an error or a timeout is thrown away.
+
+Every operation runs under one ``gevent.Timeout`` covering the pool wait,
+the connect and the query. The server-side ``statement_timeout`` frees the
+database too, but only the client-side deadline helps when the database
+host is hung or unreachable (libpq's ``connect_timeout`` does not apply to
+the asynchronous connections that psycogreen makes).
+
+``psycopg2`` errors never leave this module: they become ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+import gevent.lock
+import psycogreen.gevent
+import psycopg2
+import psycopg2.extensions
+
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg2.extensions.connection
+
+
+class Database:
+    """A bounded pool of autocommit connections to the application database."""
+
+    def __init__(self, dsn: str, *, pool_size: int, timeout: float,
+                 timezone: str | None = None, application_name: str = "orgcast") -> None:
+        # Make libpq waits yield to the gevent hub instead of blocking it.
+        psycogreen.gevent.patch_psycopg()
+        self._dsn = dsn
+        self._timeout = timeout
+        options = [f"-c statement_timeout={max(1, int(timeout * 1000))}"]
+        if timezone:
+            options.append(f"-c TimeZone={timezone}")
+        self._connect_kwargs: dict[str, Any] = {
+            "options": " ".join(options),
+            "application_name": application_name,
+            "connect_timeout": max(1, int(timeout + 0.999)),
+        }
+        self._slots = gevent.lock.BoundedSemaphore(pool_size)
+        self._idle: list[Connection] = []
+        self.pool_size = pool_size
+
+    def fetch_one(self, sql: str, params: Mapping[str, Any],
+                  timeout: float | None = None) -> tuple[Any, ...] | None:
+        """Run ``sql`` with named ``params``; return the first row or None.
+
+        :raise Unavailable: pool exhausted, database down, slow or erroring
+        """
+        budget = self._timeout if timeout is None else timeout
+        with self._deadline(budget), self._slot(budget):
+            # An idle connection may have died with a database restart: then
+            # try once more on a new one, within the same deadline.
+            for reuse in (True, False):
+                conn = self._idle.pop() if reuse and self._idle else self._connect()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(sql, params)
+                        row = cur.fetchone()
+                except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                    self._discard(conn)
+                    if reuse and conn.closed:
+                        continue
+                    raise _unavailable(exc) from None
+                except psycopg2.Error as exc:
+                    self._discard(conn)
+                    raise _unavailable(exc) from None
+                except BaseException:
+                    self._discard(conn)  # a timeout mid-query leaves it unusable
+                    raise
+                self._idle.append(conn)
+                return tuple(row) if row is not None else None
+        raise AssertionError("unreachable")
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Run ``SELECT 1``; return the round trip in milliseconds.
+
+        :raise Unavailable: as ``fetch_one``
+        """
+        started = time.monotonic()
+        self.fetch_one("SELECT 1", {}, timeout)
+        return (time.monotonic() - started) * 1000.0
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        while self._idle:
+            self._discard(self._idle.pop())
+
+    @contextmanager
+    def _deadline(self, budget: float) -> Iterator[None]:
+        deadline = gevent.Timeout(budget)
+        deadline.start()
+        try:
+            yield
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            log.warning("database did not answer within %.1fs", budget)
+            raise Unavailable("the database did not answer in time") from None
+        finally:
+            deadline.close()
+
+    @contextmanager
+    def _slot(self, budget: float) -> Iterator[None]:
+        if not self._slots.acquire(timeout=budget):
+            raise Unavailable("all database connections are busy")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _connect(self) -> Connection:
+        try:
+            conn = psycopg2.connect(self._dsn, **self._connect_kwargs)
+        except psycopg2.Error as exc:
+            raise _unavailable(exc) from None
+        conn.autocommit = True
+        return conn
+
+    @staticmethod
+    def _discard(conn: Connection) -> None:
+        try:
+            conn.close()
+        except Exception:  # already broken: nothing more to free
+            log.debug("closing a broken connection failed", exc_info=True)
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    # Log the first line only, never the parameters: they may hold a token.
+    log.warning("database error: %s: %s", type(exc).__name__, str(exc).strip().split("\n")[0])
+    return Unavailable("the database could not answer")

@@ -1,0 +1,97 @@
+"""The closed tables of codes, and the exception tree that carries them.
+
+::
+
+    OrgcastError
+     ├── Refusal(code)        a connect / subscribe / refresh is refused (contract 4)
+     │    └── Unavailable     the database (or Redis) could not answer in time
+     └── ApiError(code)       a server-API request is refused (contract 5.1)
+
+Services raise these; only the edges turn them into wire form:
+``realtime/namespace.py`` into a Socket.IO CONNECT_ERROR, ``http/__init__.py``
+into ``{"error": {"code", "message"}}`` with the HTTP status of the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Code:
+    """One code of a table: what the client sees and whether to retry."""
+
+    code: str
+    message: str
+    status: int
+    retryable: bool = False
+
+
+#: Connection refusals, in the order the connect check tests them (contract 4).
+REFUSALS: dict[str, Code] = {
+    c.code: c
+    for c in (
+        Code("token_missing", "No access token: send auth.token, ?token= or Authorization: Bearer.", 401),
+        Code("organization_missing", "No organizationId: send auth.organizationId or ?organizationId=.", 400),
+        Code("organization_invalid", "organizationId must be 1-64 characters of A-Z a-z 0-9 _ -.", 400),
+        Code("token_invalid", "The access token is unknown; log in again.", 401),
+        Code("token_expired", "The access token has expired; log in again or refresh it.", 401),
+        Code("forbidden", "This user is not a member of the organization.", 403),
+        Code("rate_limited", "Too many failed attempts from this address; retry later.", 429, True),
+        Code("unavailable", "The authorization database did not answer in time; retry.", 503, True),
+    )
+}
+
+#: Server-API errors (contract 5.1) and the HTTP errors every route may give.
+API_ERRORS: dict[str, Code] = {
+    c.code: c
+    for c in (
+        Code("bad_request", "The body must be a JSON object with an \"event\" string.", 400),
+        Code("unauthorized", "Missing or wrong API key: send Authorization: Bearer <key>.", 401),
+        Code("api_disabled", "The server API is disabled: set ORGCAST_API_KEYS.", 401),
+        Code("not_found", "No such route.", 404),
+        Code("method_not_allowed", "Method not allowed on this route.", 405),
+        Code("payload_too_large", "The body is larger than ORGCAST_MAX_PAYLOAD.", 413),
+        Code("unsupported_media_type", "Send the body as application/json.", 415),
+        Code("invalid_organization", "Organization ids are 1-64 characters of A-Z a-z 0-9 _ -.", 422),
+        Code("invalid_user", "User ids are 1-80 printable characters without spaces.", 422),
+        Code("invalid_room", "Rooms are organization.<id> or user.<id>.", 422),
+        Code("invalid_event", "Event names are 1-64 printable characters and not reserved by Socket.IO.", 422),
+        Code("polling_disabled", "Long-polling is off in this deployment: connect with transports: [\"websocket\"].", 400),
+        Code("unavailable", "A dependency did not answer in time; retry.", 503, True),
+        Code("internal_error", "Internal error.", 500, True),
+    )
+}
+
+
+class OrgcastError(Exception):
+    """Base of every error orgcast raises on purpose."""
+
+    table: dict[str, Code] = {}
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        entry = self.table[code]  # KeyError here is a programming error
+        self.code = code
+        self.message = message or entry.message
+        self.status = entry.status
+        self.retryable = entry.retryable
+        super().__init__(f"{code}: {self.message}")
+
+
+class Refusal(OrgcastError):
+    """A client is refused; ``code`` is one of REFUSALS."""
+
+    table = REFUSALS
+
+
+class Unavailable(Refusal):
+    """A dependency did not answer in time; the caller should retry."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__("unavailable", message)
+
+
+class ApiError(OrgcastError):
+    """A server-API request is refused; ``code`` is one of API_ERRORS."""
+
+    table = API_ERRORS

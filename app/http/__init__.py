@@ -1,0 +1,86 @@
+"""The HTTP edge: blueprints, and the one place errors become JSON.
+
+Every error a route can give, werkzeug's 404/405/413 included, leaves as
+``{"error": {"code": ..., "message": ...}}`` with the status of
+``errors.API_ERRORS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app
+from werkzeug.exceptions import HTTPException
+
+from app.config import Settings
+from app.errors import API_ERRORS, ApiError, Unavailable
+from app.publish.service import Publisher
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "orgcast"
+
+#: werkzeug's HTTP errors by status, mapped onto our codes
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large",
+               415: "unsupported_media_type"}
+
+
+@dataclass
+class Services:
+    """What the routes may use; built and attached by ``create_app``."""
+
+    settings: Settings
+    publisher: Publisher
+    #: readiness probes by name: each returns a latency in ms or raises Unavailable
+    checks: dict[str, Callable[[], float]] = field(default_factory=dict)
+    version: str = "0"
+
+
+def services() -> Services:
+    """Return the services of the current app."""
+    found: Services = current_app.extensions[EXTENSION]
+    return found
+
+
+def error_body(code: str, message: str | None = None) -> dict[str, Any]:
+    """Return the JSON body of an error code."""
+    return {"error": {"code": code, "message": message or API_ERRORS[code].message}}
+
+
+def register(app: Flask, svc: Services) -> None:
+    """Attach the services, the blueprints and the JSON error handlers."""
+    from app.http import admin, api, health, public
+
+    app.extensions[EXTENSION] = svc
+    for module in (health, public, api, admin):
+        app.register_blueprint(module.bp)
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Any:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return error_body(exc.code, exc.message), exc.status, headers
+
+    @app.errorhandler(Unavailable)
+    def unavailable(exc: Unavailable) -> Any:
+        return error_body("unavailable", exc.message), 503, {"Retry-After": "1"}
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+        headers = {"Allow": exc.response.headers["Allow"]} if (
+            status == 405 and exc.response is not None and "Allow" in exc.response.headers) else {}
+        if status == 405 and "Allow" not in headers and hasattr(exc, "valid_methods"):
+            methods = getattr(exc, "valid_methods", None)
+            if methods:
+                headers["Allow"] = ", ".join(methods)
+        return error_body(code), status, headers
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Any:
+        log.exception("unhandled error in %s", type(exc).__name__)
+        return error_body("internal_error"), 500

@@ -1,0 +1,82 @@
+"""Logging set-up, and the redaction every log line passes through.
+
+Tokens travel in query strings (``?token=``) and headers
+(``Authorization: Bearer``); API keys in headers. ``redact`` removes them
+from any text, and ``RedactingFormatter`` applies it to whole formatted
+records, tracebacks included, so no handler can write one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+# Query/form parameters whose value is a credential, as they appear in URLs,
+# request lines and reprs of dicts: token=..., access_token=..., 'token': '...'.
+_PARAM_RE = re.compile(
+    r"(?i)((?:^|[?&;\s\"'{,(])(?:access_token|token|api_key|apikey|key|auth)=)[^&\s\"']+"
+)
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+_DICT_RE = re.compile(r"(?i)(['\"](?:access_token|token|authorization|api_key)['\"]\s*:\s*['\"])[^'\"]*")
+_URL_PASSWORD_RE = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@")
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with tokens, bearer credentials and URL passwords removed."""
+    if not text:
+        return text
+    text = _PARAM_RE.sub(r"\1" + REDACTED, text)
+    text = _BEARER_RE.sub(r"\1" + REDACTED, text)
+    text = _DICT_RE.sub(r"\1" + REDACTED, text)
+    return _URL_PASSWORD_RE.sub(r"\1" + REDACTED + "@", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A Formatter whose every output line has passed through ``redact``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(RedactingFormatter):
+    """One JSON object a line: time, level, logger, message (redacted)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(payload, default=str))
+
+
+TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    """Return the redacting formatter for ``text`` or ``json``."""
+    if log_format == "json":
+        return JsonFormatter()
+    return RedactingFormatter(TEXT_FORMAT, "%Y-%m-%d %H:%M:%S %z")
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    """Send orgcast's and its libraries' loggers to stderr, redacted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(log_format))
+    for name, lvl in (("app", level), ("socketio", "error"), ("engineio", "error"),
+                      ("geventwebsocket", "error")):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(lvl.upper())
+        logger.propagate = False

@@ -1,0 +1,1 @@
+"""The Socket.IO edge: the namespace, fan-out to sockets, token expiry, serving."""

@@ -1,0 +1,68 @@
+"""Build the python-socketio server and the WSGI callable around it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+import socketio
+
+from app.config import Settings
+from app.errors import API_ERRORS
+
+SOCKETIO_PATH = "socket.io"
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def build_server(settings: Settings, client_manager: socketio.Manager | None) -> socketio.Server:
+    """Return a gevent-mode Socket.IO server configured from the settings."""
+    origins: str | list[str] | None
+    if settings.cors_origins == ("*",):
+        origins = "*"
+    else:
+        origins = list(settings.cors_origins) or None  # None: same origin only
+    return socketio.Server(
+        async_mode="gevent",
+        client_manager=client_manager,
+        cors_allowed_origins=origins,
+        max_http_buffer_size=settings.max_payload,
+        transports=list(settings.effective_transports),
+        always_connect=False,
+        logger=False,
+        engineio_logger=False,
+    )
+
+
+def build_wsgi(sio: socketio.Server, flask_app: WSGIApp, settings: Settings) -> WSGIApp:
+    """Mount Socket.IO beside Flask in one WSGI callable."""
+    app: WSGIApp = socketio.WSGIApp(sio, flask_app, socketio_path=SOCKETIO_PATH)
+    if "polling" not in settings.effective_transports:
+        app = _refuse_polling(app)
+    return app
+
+
+def _refuse_polling(app: WSGIApp) -> WSGIApp:
+    """Answer polling requests with a clear JSON 400 instead of 'Invalid transport'.
+
+    With several workers a polling session's requests land on different
+    processes and would meet ``400 Invalid session`` (contract 3).
+    """
+    prefix = "/" + SOCKETIO_PATH
+    entry = API_ERRORS["polling_disabled"]
+    body = json.dumps({"error": {"code": entry.code, "message": entry.message}}).encode()
+
+    def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "").startswith(prefix):
+            transport = parse_qs(environ.get("QUERY_STRING", "")).get("transport", [""])[0]
+            if transport == "polling":
+                start_response(f"{entry.status} Bad Request", [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                ])
+                return [body]
+        return app(environ, start_response)
+
+    return middleware

@@ -1,0 +1,175 @@
+"""gunicorn integration: the worker class and the access logger.
+
+Why a worker of our own instead of ``geventwebsocket.gunicorn.workers.
+GeventWebSocketWorker`` as it is:
+
+- its handler replaces gunicorn's access log with gevent-websocket's own
+  request logger, which writes the whole request line, ``?token=`` included;
+  ours logs through gunicorn's access logger, which redacts;
+- gevent-websocket reads a frame's whole payload, whatever length the header
+  announces; ours refuses a frame or message over ``ORGCAST_MAX_PAYLOAD``
+  before reading it (close code 1009), so a client cannot make the server
+  allocate without bound;
+- gevent's handler writes malformed request lines to stderr as they came;
+  ours redacts them.
+
+This module imports gevent, gevent-websocket and gunicorn only: gunicorn
+loads it in the master before gevent patches the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from geventwebsocket.exceptions import ProtocolError
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Header, WebSocket
+from gunicorn.glogging import Logger
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+from app.log import make_formatter, redact, setup_logging
+
+_DEFAULT_MAX_PAYLOAD = 1048576
+
+
+def _max_payload() -> int:
+    # Read here rather than through Settings: gunicorn.conf.py validated it
+    # before any worker started, and the handler has no app to ask.
+    try:
+        return int(os.environ.get("ORGCAST_MAX_PAYLOAD", "") or _DEFAULT_MAX_PAYLOAD)
+    except ValueError:
+        return _DEFAULT_MAX_PAYLOAD
+
+
+class MessageTooBig(Exception):
+    """A frame or message is larger than the configured maximum."""
+
+
+class BoundedWebSocket(WebSocket):  # type: ignore[misc]
+    """gevent-websocket's WebSocket with a size cap checked before reading."""
+
+    __slots__ = ()
+    max_message: int = _DEFAULT_MAX_PAYLOAD
+
+    def read_frame(self) -> tuple[Any, bytes]:
+        header = Header.decode_header(self.stream)
+        if header.flags:
+            raise ProtocolError("reserved bits set")
+        if header.length > self.max_message:
+            raise MessageTooBig(f"frame of {header.length} bytes")
+        if not header.length:
+            return header, b""
+        payload = self.raw_read(header.length)
+        if len(payload) != header.length:
+            raise ProtocolError("unexpected EOF reading frame payload")
+        if header.mask:
+            payload = header.unmask_payload(payload)
+        return header, payload
+
+    def read_message(self) -> Any:
+        # gevent-websocket's read_message, with the running total of a
+        # fragmented message capped too (its version has no limit at all).
+        opcode = None
+        message = bytearray()
+        while True:
+            header, payload = self.read_frame()
+            f_opcode = header.opcode
+            if f_opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
+                if opcode:
+                    raise ProtocolError("new message inside a fragmented one")
+                self.utf8validator.reset()
+                self.utf8validate_last = (True, True, 0, 0)
+                opcode = f_opcode
+            elif f_opcode == self.OPCODE_CONTINUATION:
+                if not opcode:
+                    raise ProtocolError("continuation frame without a message")
+            elif f_opcode == self.OPCODE_PING:
+                self.handle_ping(header, payload)
+                continue
+            elif f_opcode == self.OPCODE_PONG:
+                continue
+            elif f_opcode == self.OPCODE_CLOSE:
+                self.handle_close(header, payload)
+                return None
+            else:
+                raise ProtocolError(f"unexpected opcode {f_opcode!r}")
+            if opcode == self.OPCODE_TEXT:
+                self.validate_utf8(payload)
+            if len(message) + len(payload) > self.max_message:
+                raise MessageTooBig(f"message over {self.max_message} bytes")
+            message += payload
+            if header.fin:
+                break
+        if opcode == self.OPCODE_TEXT:
+            self.validate_utf8(message)
+            return self._decode_bytes(message)
+        return message
+
+    def receive(self) -> Any:
+        try:
+            return super().receive()
+        except MessageTooBig:
+            self.close(1009, b"message too big")
+            return None
+
+
+class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
+    """gevent-websocket's handler, logging through gunicorn with redaction."""
+
+    def upgrade_connection(self) -> Any:
+        result = super().upgrade_connection()
+        websocket = getattr(self, "websocket", None)
+        if websocket is not None and type(websocket) is WebSocket:
+            websocket.__class__ = BoundedWebSocket
+        return result
+
+    def log_request(self) -> None:
+        PyWSGIHandler.log_request(self)
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        try:
+            message = msg % args if args else msg
+        except Exception:
+            message = msg
+        super().log_error(redact(str(message)))
+
+
+class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's gevent pywsgi worker speaking WebSocket through OrgcastHandler."""
+
+    wsgi_handler = OrgcastHandler
+
+    def init_process(self) -> None:
+        BoundedWebSocket.max_message = _max_payload()
+        super().init_process()
+
+
+class RedactingLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger with every access-log atom and log line redacted."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        log_format = os.environ.get("ORGCAST_LOG_FORMAT", "text").strip().lower() or "text"
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(_wrap(handler.formatter))
+        setup_logging(os.environ.get("ORGCAST_LOG_LEVEL", "info").strip() or "info", log_format)
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
+        for key, value in atoms.items():
+            if isinstance(value, str):
+                atoms[key] = redact(value)
+        atoms["q"] = redact("?" + atoms["q"])[1:] if atoms.get("q") else atoms.get("q")
+        return atoms
+
+
+def _wrap(formatter: Any) -> Any:
+    """Keep gunicorn's format, redact its output."""
+    redacting = make_formatter("text")
+    if formatter is not None:
+        redacting._fmt = formatter._fmt
+        redacting._style = formatter._style
+        redacting.datefmt = formatter.datefmt
+    return redacting

@@ -1,0 +1,55 @@
+"""gunicorn settings for orgcast, read from the environment (see README).
+
+Sectioned like gunicorn's examples/example_config.py. Settings are validated
+here, in the master, so a bad value stops start-up with one line naming the
+variable instead of a worker crash loop.
+"""
+
+import sys
+
+from app.config import ConfigError, load_settings
+
+try:
+    _settings = load_settings()
+    if _settings.database_url is None:
+        raise ConfigError("DATABASE_URL: required (a postgresql:// URL of the application database)")
+except ConfigError as exc:
+    print(f"orgcast: configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+# --- Server socket
+bind = [_settings.bind]
+backlog = 2048
+
+# --- Worker processes
+workers = _settings.web_concurrency
+# gevent-websocket's worker, with orgcast's frame cap and redacted logging
+# (app/serving.py says why it is not GeventWebSocketWorker itself).
+worker_class = "app.serving.OrgcastWorker"
+# gunicorn's default of 1,000 would silently queue the 1,001st socket.
+worker_connections = _settings.worker_connections
+# A websocket lives for hours; gevent workers notify the arbiter on their own,
+# so this bounds only a worker whose hub is stuck.
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+# No preload_app: gevent must patch the worker before the app is imported.
+preload_app = False
+
+# --- Security: request line and header limits (gunicorn's defaults, explicit)
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# --- Logging: tokens travel in query strings; this logger redacts them.
+logger_class = "app.serving.RedactingLogger"
+errorlog = "-"
+loglevel = _settings.log_level
+accesslog = "-" if _settings.access_log else None
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
+# --- Process naming
+proc_name = "orgcast"
+# gunicorn 27 opens a management socket in ~/.gunicorn by default; orgcast
+# does not need one, and several instances on one host would share its path.
+control_socket_disable = True
