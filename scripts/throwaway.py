@@ -90,17 +90,20 @@ class ThrowawayPostgres:
                                  "orgcast", "-A", "trust", "-E", "UTF8", "--no-sync",
                                  "--locale=C"),
                        check=True, capture_output=True)
-        self.proc = subprocess.Popen(
-            self._cmd(str(self.bindir / "postgres"), "-D", str(self.datadir),
-                      "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
-                      "-c", "fsync=off", "-c", "synchronous_commit=off",
-                      "-c", "full_page_writes=off", "-c", "max_connections=200"),
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"),  # noqa: SIM115
-            start_new_session=True)
+        self._spawn()
         self.wait_ready(timeout)
         subprocess.run(self._cmd(str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p",
                                  str(self.port), "-U", "orgcast", "orgcast"),
                        check=True, capture_output=True)
+
+    def _spawn(self) -> None:
+        with open(self.root / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self._cmd(str(self.bindir / "postgres"), "-D", str(self.datadir),
+                          "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
+                          "-c", "fsync=off", "-c", "synchronous_commit=off",
+                          "-c", "full_page_writes=off", "-c", "max_connections=200"),
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the server accepts connections."""
@@ -144,23 +147,19 @@ class ThrowawayPostgres:
             return
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGCONT)
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            # To the whole group: as root, proc is runuser, which does not
+            # forward signals to the postmaster. SIGINT: fast shutdown.
+            os.killpg(self.proc.pid, signal.SIGINT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
 
     def restart(self, timeout: float = 30.0) -> None:
         """Start a server stopped by stop_server() again on the same port."""
-        self.proc = subprocess.Popen(
-            self._cmd(str(self.bindir / "postgres"), "-D", str(self.datadir),
-                      "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
-                      "-c", "fsync=off", "-c", "synchronous_commit=off",
-                      "-c", "full_page_writes=off", "-c", "max_connections=200"),
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"),  # noqa: SIM115
-            start_new_session=True)
+        self._spawn()
         self.wait_ready(timeout)
 
     def stop(self) -> None:

@@ -1,0 +1,61 @@
+# orgcast — `make run` serves it, `make test` runs the whole suite.
+# Both set up what is missing: the virtualenv, the packages, and the Debian
+# packages of the servers the demo and the tests start (postgresql, redis).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+NPM_DIR := .cache/npm
+CLIENT_JS := $(NPM_DIR)/node_modules/socket.io-client/dist/socket.io.min.js
+# Exact version of the browser client fetched for the demo page and the JS tests.
+SOCKETIO_CLIENT_VERSION := 4.8.1
+
+.PHONY: run test lint typecheck pytest system-deps venv clean bench
+
+run: venv system-deps $(CLIENT_JS)
+	$(BIN)/python scripts/devrun.py --client-js $(CLIENT_JS)
+
+test: venv system-deps $(CLIENT_JS) lint typecheck pytest
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# PostgreSQL's server binaries and redis-server, from Debian, when missing.
+system-deps:
+	@missing=""; \
+	  { command -v pg_config >/dev/null && test -x "$$(pg_config --bindir)/initdb"; } || \
+	    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v npm >/dev/null || missing="$$missing npm"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    if [ "$$(id -u)" != 0 ]; then echo "run as root or install:$$missing" >&2; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi
+
+# The official socket.io browser client, from the npm registry (not committed).
+$(CLIENT_JS):
+	mkdir -p $(NPM_DIR)
+	cd $(NPM_DIR) && npm install --silent --no-audit --no-fund --no-save socket.io-client@$(SOCKETIO_CLIENT_VERSION) >/dev/null
+	test -f $@
+
+lint: venv
+	$(BIN)/ruff check app tests scripts bench wsgi.py gunicorn.conf.py
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest -q
+
+bench: venv system-deps
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info

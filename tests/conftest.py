@@ -1,0 +1,273 @@
+"""Fixtures: real Postgres and Redis started from the installed binaries, the
+app built from explicit settings, and the real gunicorn process.
+
+Tokens in tests/data.sql: tok-alice, tok-bob (org-a), tok-carol (org-b),
+tok-dave (org-a and org-b), tok-expired (alice, expired an hour ago).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, wait_port  # noqa: E402
+
+API_KEY = "test-api-key-0123456789"
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+# --- services -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[ThrowawayPostgres]:
+    pg = ThrowawayPostgres().start()
+    try:
+        pg.load(ROOT / "scripts" / "schema.sql")
+        pg.load(ROOT / "tests" / "data.sql")
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[ThrowawayRedis]:
+    server = ThrowawayRedis().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """Restore os.environ after each test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# --- the app in-process (HTTP logic) -------------------------------------------
+
+
+def base_env(postgres: ThrowawayPostgres, **overrides: str) -> dict[str, str]:
+    """The environment of a test deployment: test database, one API key."""
+    env = {"DATABASE_URL": postgres.dsn, "ORGCAST_API_KEYS": API_KEY,
+           "ORGCAST_AUTH_CACHE_TTL": "0"}
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def settings(postgres: ThrowawayPostgres) -> Any:
+    from app.config import load_settings
+
+    return load_settings(base_env(postgres))
+
+
+@pytest.fixture
+def app(settings: Any) -> Any:
+    from app import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.flask_app.test_client()
+
+
+# --- the real gunicorn process --------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running ``gunicorn -c gunicorn.conf.py wsgi:app``."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        """Everything gunicorn and the app wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_gunicorn(env: dict[str, str], tmp_path: Path, timeout: float = 20.0) -> Server:
+    """Start gunicorn on a free port; wait until /healthz answers or fail with its output."""
+    import requests
+
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ORGCAST_", "REDIS_"))}
+    full_env.update(env)
+    full_env["BIND"] = f"127.0.0.1:{port}"
+    full_env.setdefault("WEB_CONCURRENCY", "1")
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+                                env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, port, log_path, full_env)
+    deadline = time.monotonic() + timeout
+    try:
+        wait_port(port, deadline, proc)
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
+                    return server
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    except (TimeoutError, RuntimeError):
+        pass
+    server.stop()
+    pytest.fail(f"gunicorn did not start:\n{server.output()}")
+
+
+@pytest.fixture
+def gunicorn_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start gunicorn processes with given environments; stop them after the test."""
+    started: list[Server] = []
+
+    def factory(env: dict[str, str]) -> Server:
+        server = start_gunicorn(env, tmp_path)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(postgres: ThrowawayPostgres, tmp_path_factory: Any) -> Iterator[Server]:
+    """One gunicorn for a whole test module (default settings, test database)."""
+    server = start_gunicorn(base_env(postgres), tmp_path_factory.mktemp("gunicorn"))
+    yield server
+    server.stop()
+
+
+# --- Socket.IO clients -----------------------------------------------------------
+
+
+class Listener:
+    """A python-socketio Client that records what it receives, for waiting on."""
+
+    def __init__(self) -> None:
+        self.client = socketio.Client(reconnection=False)
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.connect_error: Any = None
+        self._settled = threading.Event()
+        self.client.on("connect", self._on_connect)
+        self.client.on("connect_error", self._on_connect_error)
+        self.client.on("disconnect", lambda *a: self.events.put(("disconnect", a)))
+        self.client.on("*", lambda event, *args: self.events.put((event, args[0] if args else None)))
+
+    def _on_connect(self) -> None:
+        self._settled.set()
+
+    def _on_connect_error(self, data: Any) -> None:
+        self.connect_error = data
+        self._settled.set()
+
+    def connect(self, url: str, transports: list[str] | None = None, **kwargs: Any) -> Listener:
+        try:
+            self.client.connect(url, transports=transports or ["websocket"], wait_timeout=10,
+                                **kwargs)
+        except socketio.exceptions.ConnectionError:
+            pass  # the refusal is in connect_error
+        assert self._settled.wait(10), "neither connect nor connect_error within 10 s"
+        return self
+
+    @property
+    def refusal_code(self) -> str | None:
+        data = self.connect_error
+        return (data or {}).get("data", {}).get("code") if isinstance(data, dict) else None
+
+    def wait_for(self, event: str, timeout: float = 5.0) -> Any:
+        """Return the data of the next ``event``; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {event!r} within {timeout} s")
+            try:
+                name, data = self.events.get(timeout=remaining)
+            except queue.Empty:
+                raise AssertionError(f"no {event!r} within {timeout} s") from None
+            if name == event:
+                return data
+
+    def drain(self, settle: float = 0.0) -> list[tuple[str, Any]]:
+        """Return every event received so far (after waiting ``settle`` seconds)."""
+        if settle:
+            time.sleep(settle)
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        if self.client.connected:
+            self.client.disconnect()
+
+
+@pytest.fixture
+def listen() -> Iterator[Any]:
+    """Connect Listeners; disconnect them all after the test."""
+    opened: list[Listener] = []
+
+    def connect(url: str, **kwargs: Any) -> Listener:
+        listener = Listener()
+        opened.append(listener)
+        return listener.connect(url, **kwargs)
+
+    yield connect
+    for listener in opened:
+        listener.close()
+
+
+def publish(server: Server, org: str, event: str = "news", data: Any = None,
+            key: str = API_KEY) -> Any:
+    """POST an event to an organization through the server API."""
+    import requests
+
+    return requests.post(f"{server.url}/api/v1/organizations/{org}/events",
+                         json={"event": event, "data": data},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
