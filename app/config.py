@@ -196,51 +196,70 @@ class Settings:
     """Every setting of orgcast; build it with ``load_settings``."""
 
     database_url: Secret | None = setting(
-        "DATABASE_URL", "", "Postgres DSN of the application database (required; `make run` starts a local one when unset)",
+        "DATABASE_URL", "",
+        "Postgres DSN of the application database (required; `make run` starts a local one when unset)",
         _dsn, secret=True)
     redis_url: Secret | None = setting(
-        "REDIS_URL", "", "Redis URL for fan-out between workers/hosts and the Socket.IO emitter protocol (unset: no Redis)",
+        "REDIS_URL", "",
+        "Redis URL for fan-out between workers/hosts and the Socket.IO emitter protocol (unset: no Redis)",
         _redis_url, secret=True)
     bind: str = setting("BIND", "127.0.0.1:8000", "gunicorn bind address", _bind)
     web_concurrency: int = setting(
-        "WEB_CONCURRENCY", "1", "gunicorn worker processes (more than 1 turns long-polling off unless `ORGCAST_TRANSPORTS` says otherwise)",
+        "WEB_CONCURRENCY", "1",
+        "gunicorn worker processes (more than 1 turns long-polling off unless `ORGCAST_TRANSPORTS` says otherwise)",
         _pos_int)
     api_keys: tuple[Secret, ...] = setting(
-        "ORGCAST_API_KEYS", "", "comma-separated secrets (16+ characters each) for the server API; unset: server API answers 401",
+        "ORGCAST_API_KEYS", "",
+        "comma-separated secrets (16+ characters each) for the server API; unset: server API answers 401",
         _secrets, secret=True)
     cors_origins: tuple[str, ...] = setting(
-        "ORGCAST_CORS_ORIGINS", "", "comma-separated allowed browser origins, or `*`; unset: same origin only", _origins)
+        "ORGCAST_CORS_ORIGINS", "",
+        "comma-separated allowed browser origins, or `*`; unset: same origin only",
+        _origins)
     transports: tuple[str, ...] = setting(
         "ORGCAST_TRANSPORTS", "auto",
-        "`auto` (polling and websocket with one worker, websocket only with more) or a comma list of `polling`, `websocket`",
+        "`auto` (polling and websocket with one worker, websocket only with more) "
+        "or a comma list of `polling`, `websocket`",
         _transports)
     worker_connections: int = setting(
-        "ORGCAST_WORKER_CONNECTIONS", "10000", "concurrent connections per worker before gunicorn queues new ones", _pos_int)
+        "ORGCAST_WORKER_CONNECTIONS", "10000",
+        "concurrent connections per worker before gunicorn queues new ones",
+        _pos_int)
     db_pool_size: int = setting(
         "ORGCAST_DB_POOL_SIZE", "10", "Postgres connections per worker process", _pos_int)
     db_timeout: float = setting(
-        "ORGCAST_DB_TIMEOUT", "2", "seconds a lookup may take (pool wait, connect and query) before the client gets `unavailable`",
+        "ORGCAST_DB_TIMEOUT", "2",
+        "seconds a lookup may take (pool wait, connect and query) before the client gets `unavailable`",
         _pos_float)
     db_timezone: str | None = setting(
-        "ORGCAST_DB_TIMEZONE", "", "session time zone for `expires` comparisons, e.g. `UTC` (unset: the database's own)", _timezone)
+        "ORGCAST_DB_TIMEZONE", "",
+        "session time zone for `expires` comparisons, e.g. `UTC` (unset: the database's own)",
+        _timezone)
     token_sql: str = setting(
         "ORGCAST_TOKEN_SQL", DEFAULT_TOKEN_SQL,
-        "token lookup; named parameter `%(token)s`; returns `user_id, active, expires`", _sql("token"))
+        "token lookup; named parameter `%(token)s`; returns `user_id, active, expires`",
+        _sql("token"))
     membership_sql: str = setting(
         "ORGCAST_MEMBERSHIP_SQL", DEFAULT_MEMBERSHIP_SQL,
         "membership lookup; named parameters `%(organization_id)s`, `%(user_id)s`; a row means member",
         _sql("organization_id", "user_id"))
     auth_cache_ttl: float = setting(
         "ORGCAST_AUTH_CACHE_TTL", "10",
-        "seconds an accepted (token, organization) stays cached, never past the token's expiry; 0 turns the cache off",
+        "seconds an accepted (token, organization) stays cached, never past the token's expiry; 0 turns it off",
         _non_neg_float)
     max_payload: int = setting(
-        "ORGCAST_MAX_PAYLOAD", "1048576", "largest HTTP body, polling payload or WebSocket message accepted, in bytes", _pos_int)
-    log_level: str = setting("ORGCAST_LOG_LEVEL", "info", "one of debug, info, warning, error", _choice(LOG_LEVELS))
-    log_format: str = setting("ORGCAST_LOG_FORMAT", "text", "`text` or `json` (one object a line)", _choice(LOG_FORMATS))
-    access_log: bool = setting("ORGCAST_ACCESS_LOG", "true", "write gunicorn's access log (tokens redacted) to stdout", _bool)
+        "ORGCAST_MAX_PAYLOAD", "1048576",
+        "largest HTTP body, polling payload or WebSocket message accepted, in bytes",
+        _pos_int)
+    log_level: str = setting(
+        "ORGCAST_LOG_LEVEL", "info", "one of debug, info, warning, error", _choice(LOG_LEVELS))
+    log_format: str = setting(
+        "ORGCAST_LOG_FORMAT", "text", "`text` or `json` (one object a line)", _choice(LOG_FORMATS))
+    access_log: bool = setting(
+        "ORGCAST_ACCESS_LOG", "true", "write gunicorn's access log (tokens redacted) to stdout", _bool)
     demo_dir: str | None = setting(
-        "ORGCAST_DEMO_DIR", "", "folder holding `socket.io.min.js`; set by `make run` when it loads demo data, turns `/demo` on",
+        "ORGCAST_DEMO_DIR", "",
+        "folder holding `socket.io.min.js`; set by `make run` when it loads demo data, turns `/demo` on",
         _path)
 
     @property

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import gevent
 import gevent.lock
@@ -32,7 +32,17 @@ from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-Connection = psycopg2.extensions.connection
+#: psycopg2 ships no type information
+Connection: TypeAlias = Any
+
+
+class QueryError(Unavailable):
+    """The database refused the statement itself (bad SQL, type mismatch)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the database could not answer")
+        #: for the log, not for clients
+        self.detail = detail
 
 
 class Database:
@@ -73,10 +83,15 @@ class Database:
                         cur.execute(sql, params)
                         row = cur.fetchone()
                 except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                    broken = bool(conn.closed)
                     self._discard(conn)
-                    if reuse and conn.closed:
+                    if reuse and broken:
                         continue
                     raise _unavailable(exc) from None
+                except (psycopg2.ProgrammingError, psycopg2.DataError) as exc:
+                    self._discard(conn)
+                    log.warning("database refused the statement: %s", _first_line(exc))
+                    raise QueryError(_first_line(exc)) from None
                 except psycopg2.Error as exc:
                     self._discard(conn)
                     raise _unavailable(exc) from None
@@ -140,7 +155,11 @@ class Database:
             log.debug("closing a broken connection failed", exc_info=True)
 
 
+def _first_line(exc: Exception) -> str:
+    # The first line only: later lines may quote the statement's parameters.
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
 def _unavailable(exc: Exception) -> Unavailable:
-    # Log the first line only, never the parameters: they may hold a token.
-    log.warning("database error: %s: %s", type(exc).__name__, str(exc).strip().split("\n")[0])
+    log.warning("database error: %s", _first_line(exc))
     return Unavailable("the database could not answer")

@@ -79,7 +79,7 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
                 if opcode:
                     raise ProtocolError("new message inside a fragmented one")
                 self.utf8validator.reset()
-                self.utf8validate_last = (True, True, 0, 0)
+                self.utf8validate_last = (True, True, 0, 0)  # type: ignore[misc]
                 opcode = f_opcode
             elif f_opcode == self.OPCODE_CONTINUATION:
                 if not opcode:

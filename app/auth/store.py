@@ -3,13 +3,20 @@
 The connect check costs one round trip: the token SQL becomes a CTE and the
 membership SQL an ``EXISTS`` over it, its ``%(user_id)s`` bound to the
 token's own ``user_id`` column. This rewrites only the operator's configured
-SQL, never client input; client values always travel as parameters.
+SQL, never client input; client values always travel as parameters. When the two
+statements do not combine (say, the membership SQL compares the user id with
+a column of another type), the store says so once and uses two round trips.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from app.db import QueryError
+
+log = logging.getLogger(__name__)
 
 
 class Database(Protocol):
@@ -34,6 +41,14 @@ class AuthStore:
     def __init__(self, db: Database, token_sql: str, membership_sql: str) -> None:
         self._db = db
         self._membership_sql = membership_sql
+        self._combined = True
+        # The same three columns as the combined query: user_id, active, seconds left.
+        self._token_sql = (
+            f"WITH orgcast_token AS ({token_sql}) "
+            "SELECT t.user_id::text, t.active, "
+            "EXTRACT(EPOCH FROM (t.expires::timestamptz - NOW()))::float8 "
+            "FROM orgcast_token t LIMIT 1"
+        )
         membership_of_token = membership_sql.replace(
             "%(user_id)s", "(SELECT user_id FROM orgcast_token LIMIT 1)")
         # expires is compared in the database, in the session's time zone
@@ -51,12 +66,24 @@ class AuthStore:
 
         :raise Unavailable: the database did not answer in time
         """
-        row = self._db.fetch_one(self._combined_sql,
-                                 {"token": token, "organization_id": organization_id})
+        params = {"token": token, "organization_id": organization_id}
+        if self._combined:
+            try:
+                row = self._db.fetch_one(self._combined_sql, params)
+            except QueryError as exc:
+                log.warning("token and membership SQL do not combine (%s); using two queries", exc.detail)
+                self._combined = False
+            else:
+                if row is None or row[0] is None:
+                    return None
+                user_id, active, expires_in, member = row
+                return TokenRow(str(user_id), bool(active), expires_in, bool(member))
+        row = self._db.fetch_one(self._token_sql, params)
         if row is None or row[0] is None:
             return None
-        user_id, active, expires_in, member = row
-        return TokenRow(str(user_id), bool(active), expires_in, bool(member))
+        user_id, active, expires_in = row
+        return TokenRow(str(user_id), bool(active), expires_in,
+                        self.is_member(organization_id, str(user_id)))
 
     def is_member(self, organization_id: str, user_id: str) -> bool:
         """Tell whether the user belongs to the organization.
