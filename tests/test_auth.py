@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from app.auth.checker import AuthChecker
-from app.auth.credentials import Credentials, extract
-from app.auth.store import AuthStore, TokenRow
+from app.auth.credentials import Credentials, TokenRow, extract
+from app.auth.store import AuthStore
 from app.config import DEFAULT_MEMBERSHIP_SQL, DEFAULT_TOKEN_SQL
 from app.db import Database
 from app.errors import Refusal, Unavailable

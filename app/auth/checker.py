@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.auth.credentials import Credentials
-from app.auth.store import TokenRow
+from app.auth.credentials import Credentials, TokenRow
 from app.errors import Refusal
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,7 @@
 """Find the credentials a client sent, and check the shape of ids (pure).
 
+Also the plain records the auth layers pass each other (``TokenRow``).
+
 First found wins (contract 4): the Socket.IO ``auth`` payload, then the query
 string, then ``Authorization: Bearer`` (with organizationId from auth or query).
 """
@@ -27,6 +29,17 @@ class Credentials:
 
     def __repr__(self) -> str:  # never show the token
         return f"Credentials(token=..., organization_id={self.organization_id!r})"
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """What the database says of a token, seen for one organization."""
+
+    user_id: str
+    active: bool
+    #: seconds until ``expires`` as the database computes it; None: never
+    expires_in: float | None
+    member: bool
 
 
 def is_valid_organization_id(value: str) -> bool:

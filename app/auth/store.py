@@ -11,9 +11,9 @@ a column of another type), the store says so once and uses two round trips.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app.auth.credentials import TokenRow
 from app.db import QueryError
 
 log = logging.getLogger(__name__)
@@ -22,17 +22,6 @@ log = logging.getLogger(__name__)
 class Database(Protocol):
     def fetch_one(self, sql: str, params: dict[str, Any],
                   timeout: float | None = None) -> tuple[Any, ...] | None: ...
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    """What the database says of a token, seen for one organization."""
-
-    user_id: str
-    active: bool
-    #: seconds until ``expires`` as the database computes it; None: never
-    expires_in: float | None
-    member: bool
 
 
 class AuthStore:
