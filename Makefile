@@ -11,12 +11,12 @@ CLIENT_JS := $(NPM_DIR)/node_modules/socket.io-client/dist/socket.io.min.js
 # Exact version of the browser client fetched for the demo page and the JS tests.
 SOCKETIO_CLIENT_VERSION := 4.8.1
 
-.PHONY: run test lint typecheck pytest system-deps venv clean bench
+.PHONY: run test lint typecheck pytest system-deps test-deps apt-missing venv clean bench
 
-run: venv system-deps $(CLIENT_JS)
+run: system-deps venv $(CLIENT_JS)
 	$(BIN)/python scripts/devrun.py --client-js $(CLIENT_JS)
 
-test: venv system-deps $(CLIENT_JS) lint typecheck pytest
+test: test-deps venv $(CLIENT_JS) lint typecheck pytest
 
 venv: $(STAMP)
 
@@ -26,17 +26,31 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# PostgreSQL's server binaries and redis-server, from Debian, when missing.
+# Debian packages, installed when missing (as root; otherwise named).
+# run: PostgreSQL's server binaries, redis-server, npm (for the browser client).
+# test: the same, plus Chromium for the demo page's browser test.
+RUN_PKGS  := postgresql redis-server npm
+TEST_PKGS := $(RUN_PKGS) chromium
+
 system-deps:
+	@$(MAKE) --no-print-directory apt-missing PKGS="$(RUN_PKGS)"
+
+test-deps:
+	@$(MAKE) --no-print-directory apt-missing PKGS="$(TEST_PKGS)"
+
+apt-missing:
 	@missing=""; \
-	  { command -v pg_config >/dev/null && test -x "$$(pg_config --bindir)/initdb"; } || \
-	    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	  command -v npm >/dev/null || missing="$$missing npm"; \
+	  for pkg in $(PKGS); do case $$pkg in \
+	    postgresql) { command -v pg_config >/dev/null && test -x "$$(pg_config --bindir)/initdb"; } || \
+	      ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql" ;; \
+	    chromium) test -x /usr/bin/chromium || missing="$$missing chromium" ;; \
+	    *) command -v $$pkg >/dev/null || missing="$$missing $$pkg" ;; \
+	  esac; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    if [ "$$(id -u)" != 0 ]; then echo "run as root or install:$$missing" >&2; exit 1; fi; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi
 
 # The official socket.io browser client, from the npm registry (not committed).
@@ -54,7 +68,7 @@ typecheck: venv
 pytest: venv
 	$(BIN)/pytest -q
 
-bench: venv system-deps
+bench: system-deps venv
 	$(BIN)/python bench/run.py
 
 clean:

@@ -295,8 +295,10 @@ def _redact_secret(value: Any) -> Any:
         host = parts.hostname or ""
         if parts.port:
             host = f"{host}:{parts.port}"
-        if parts.username:
-            host = f"{parts.username}:**********@{host}"
+        if parts.password:
+            host = f"{parts.username or ''}:**********@{host}"
+        elif parts.username:
+            host = f"{parts.username}@{host}"
         return urlunsplit((parts.scheme, host, parts.path, "", ""))
     return "**********"
 

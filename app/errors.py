@@ -35,7 +35,7 @@ REFUSALS: dict[str, Code] = {
         Code("organization_missing", "No organizationId: send auth.organizationId or ?organizationId=.", 400),
         Code("organization_invalid", "organizationId must be 1-64 characters of A-Z a-z 0-9 _ -.", 400),
         Code("token_invalid", "The access token is unknown; log in again.", 401),
-        Code("token_expired", "The access token has expired; log in again or refresh it.", 401),
+        Code("token_expired", "The access token has expired; log in again.", 401),
         Code("forbidden", "This user is not a member of the organization.", 403),
         Code("rate_limited", "Too many failed attempts from this address; retry later.", 429, True),
         Code("unavailable", "The authorization database did not answer in time; retry.", 503, True),
