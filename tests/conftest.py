@@ -202,6 +202,16 @@ class Listener:
 
     def _on_connect_error(self, data: Any) -> None:
         self.connect_error = data
+        # python-engineio's polling client races on a refusal: if the server
+        # answers before the POST that carried CONNECT returns, connect()'s
+        # disconnect() flips the state while that POST is in flight, the write
+        # loop exits without sending CLOSE, and disconnect() then waits for a
+        # long-poll GET that the server holds for its ping interval (25 s).
+        # Let that POST finish first (this runs before connect() resumes).
+        send_queue = self.client.eio.queue
+        deadline = time.monotonic() + 5
+        while send_queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
         self._settled.set()
 
     def connect(self, url: str, transports: list[str] | None = None, **kwargs: Any) -> Listener:
@@ -232,6 +242,27 @@ class Listener:
             if name == event:
                 return data
 
+    def events_before(self, event: str, data: Any, timeout: float = 5.0) -> list[tuple[str, Any]]:
+        """Return, in order, every event received before ``event`` carrying ``data``.
+
+        The barrier that proves absence without sleeping: publish a marker
+        after the events under test; one process sends a socket's events in
+        order, so what is missing when the marker arrives was not delivered.
+        """
+        out: list[tuple[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {event!r} {data!r} within {timeout} s; got {out}")
+            try:
+                item = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if item == (event, data):
+                return out
+            out.append(item)
+
     def drain(self, settle: float = 0.0) -> list[tuple[str, Any]]:
         """Return every event received so far (after waiting ``settle`` seconds)."""
         if settle:
@@ -261,6 +292,20 @@ def listen() -> Iterator[Any]:
     yield connect
     for listener in opened:
         listener.close()
+
+
+@pytest.fixture
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running (e.g. a Socket.IO client not closed)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
 
 
 def publish(server: Server, org: str, event: str = "news", data: Any = None,

@@ -32,6 +32,7 @@ def env(query: str = "", authorization: str = "") -> dict[str, str]:
         ({}, env("organizationId=o2", "Bearer h"), ("h", "o2")),
         ({"organizationId": "o1"}, env("", "bearer  h2 "), ("h2", "o1")),
         ({"organizationId": 42, "token": "a"}, env(), ("a", "42")),
+        ({"organizationId": "o", "token": 12345}, env(), ("12345", "o")),
         ({"token": "", "organizationId": "o1"}, env("token=q"), ("q", "o1")),
         ("not a dict", env("token=q&organizationId=o2"), ("q", "o2")),
     ],
@@ -46,7 +47,9 @@ def test_credentials_first_found_wins(auth: Any, environ: dict[str, str], expect
     [
         (None, env(), "token_missing"),
         ({"organizationId": "o"}, env("", "Basic dXNlcjpwYXNz"), "token_missing"),
-        ({"token": 123, "organizationId": "o"}, env(), "token_missing"),
+        ({"token": ["t"], "organizationId": "o"}, env("token=q"), "token_invalid"),
+        ({"token": {"t": 1}}, env("token=q"), "organization_missing"),
+        ({"token": "t", "organizationId": ["o"]}, env("organizationId=o"), "organization_invalid"),
         ({"token": "t"}, env(), "organization_missing"),
         ({"token": "t", "organizationId": ""}, env(), "organization_missing"),
         ({"token": "t", "organizationId": "a b"}, env(), "organization_invalid"),

@@ -53,7 +53,7 @@ def is_valid_user_id(value: str) -> bool:
 
 
 def _text(value: Any) -> str | None:
-    """Accept strings and (for organizationId) integers, as JS clients send them."""
+    """Accept strings and integers (JS clients send ids as numbers); else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -63,37 +63,45 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def extract(auth: Any, environ: Mapping[str, Any]) -> Credentials:
-    """Return the client's credentials.
+def _bearer(environ: Mapping[str, Any]) -> str | None:
+    scheme, _, value = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
 
-    :raise Refusal: token_missing, organization_missing, organization_invalid
+
+def extract(auth: Any, environ: Mapping[str, Any]) -> Credentials:
+    """Return the client's credentials; the first source that has a value wins.
+
+    A value of the wrong type (a list, an object, a boolean) counts as found
+    and invalid: it does not fall through to the next source.
+
+    :raise Refusal: token_missing, organization_missing, organization_invalid,
+        token_invalid (in that order)
     """
     payload: Mapping[str, Any] = auth if isinstance(auth, Mapping) else {}
-    query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=64)
+    # engine.io parsed this query string already; gunicorn caps its length.
+    query = parse_qs(environ.get("QUERY_STRING", ""))
 
     def from_query(name: str) -> str | None:
         values = query.get(name)
         return values[0] if values and values[0] else None
 
     raw_token = payload.get("token")
-    token = raw_token if isinstance(raw_token, str) and raw_token else from_query("token")
-    if not token:
-        header = str(environ.get("HTTP_AUTHORIZATION", ""))
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            token = value.strip()
-    if not token:
+    if raw_token in (None, ""):
+        token = from_query("token") or _bearer(environ)
+    else:
+        token = _text(raw_token) or ""  # found, but not a string: invalid below
+    if token is None:
         raise Refusal("token_missing")
 
     raw_org = payload.get("organizationId")
-    organization_id = _text(raw_org) or from_query("organizationId")
+    organization_id = from_query("organizationId") if raw_org in (None, "") else _text(raw_org)
     if organization_id is None:
         if raw_org not in (None, ""):
-            raise Refusal("organization_invalid")  # a list, an object, a boolean...
+            raise Refusal("organization_invalid")
         raise Refusal("organization_missing")
     if not is_valid_organization_id(organization_id):
         raise Refusal("organization_invalid")
-    if len(token) > _MAX_TOKEN:
-        # No real token is this long; do not send it to the database.
+    if not token or len(token) > _MAX_TOKEN:
+        # Not a string, or longer than any real token: do not ask the database.
         raise Refusal("token_invalid")
     return Credentials(token=token, organization_id=organization_id)

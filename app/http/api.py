@@ -20,6 +20,13 @@ def _event_body() -> tuple[Any, Any]:
 
     :raise ApiError: bad_request, payload_too_large (through werkzeug)
     """
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if (request.content_length is None and limit is not None and len(raw) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        # A body without Content-Length (chunked) stops at the limit: werkzeug
+        # returns it cut short instead of refusing it, which reads as bad JSON.
+        raise ApiError("payload_too_large")
     body = request.get_json(silent=True, force=True)
     if not isinstance(body, dict) or "event" not in body:
         raise ApiError("bad_request")
