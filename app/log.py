@@ -60,6 +60,36 @@ class JsonFormatter(RedactingFormatter):
         return redact(json.dumps(payload, default=str))
 
 
+class RateLimitFilter(logging.Filter):
+    """Let at most ``burst`` records through per ``period`` seconds.
+
+    python-engineio logs a full traceback for every malformed packet a
+    client sends; without a limit one client can fill the disks. The first
+    record after a quiet window says how many were dropped.
+    """
+
+    def __init__(self, burst: int = 20, period: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self._window_start = 0.0
+        self._passed = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._window_start >= self.period:
+            if self._dropped:
+                record.msg = f"(dropped {self._dropped} similar messages in the last {self.period:.0f} s) " + str(
+                    record.msg)
+            self._window_start, self._passed, self._dropped = now, 0, 0
+        if self._passed >= self.burst:
+            self._dropped += 1
+            return False
+        self._passed += 1
+        return True
+
+
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
 
@@ -80,3 +110,4 @@ def setup_logging(level: str, log_format: str) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(lvl.upper())
         logger.propagate = False
+        logger.filters[:] = [] if name == "app" else [RateLimitFilter()]

@@ -20,13 +20,16 @@ loads it in the master before gevent patches the worker.
 from __future__ import annotations
 
 import os
+import struct
+import time
+from datetime import timedelta
 from typing import Any
 
-from geventwebsocket.exceptions import ProtocolError
+from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header, WebSocket
 from gunicorn.glogging import Logger
-from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIHandler
 
 from app.log import make_formatter, redact, setup_logging
 
@@ -113,9 +116,35 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
             self.close(1009, b"message too big")
             return None
 
+    def close(self, code: int = 1000, message: Any = b"") -> None:
+        # gevent-websocket's close() drops the code and sends str(message) as
+        # the payload: b"message too big" went out as "b'message too big'",
+        # which clients read as close code 25127.
+        if self.closed:
+            return
+        reason = message.encode() if isinstance(message, str) else bytes(message or b"")
+        try:
+            self.send_frame(struct.pack("!H", code) + reason[:123], opcode=self.OPCODE_CLOSE)
+        except WebSocketError:
+            pass  # the peer is gone: nothing to tell it
+        finally:
+            # What gevent-websocket's close() releases (setattr: its slots, not ours).
+            for name, value in (("closed", True), ("stream", None), ("raw_write", None),
+                                ("raw_read", None), ("environ", None)):
+                setattr(self, name, value)
+
 
 class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
     """gevent-websocket's handler, logging through gunicorn with redaction."""
+
+    def upgrade_websocket(self) -> Any:
+        result = super().upgrade_websocket()
+        # gevent-websocket answers a bad upgrade (no key, unknown version) with
+        # str chunks, which pywsgi cannot write: the client got no response
+        # and the log a traceback.
+        if isinstance(result, list):
+            return [r.encode() if isinstance(r, str) else r for r in result]
+        return result
 
     def upgrade_connection(self) -> Any:
         result = super().upgrade_connection()
@@ -125,7 +154,23 @@ class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
         return result
 
     def log_request(self) -> None:
-        PyWSGIHandler.log_request(self)
+        if getattr(self, "environ", None) is not None:
+            PyWSGIHandler.log_request(self)
+            return
+        # gevent refused the request (bad request line or headers, line too
+        # long) before building an environ, and gunicorn's log_request then
+        # died with a traceback instead of writing the line.
+        line = str(self.requestline or "").strip()[:1024]
+        method, _, rest = line.partition(" ")
+        uri, _, protocol = rest.rpartition(" ") if " " in rest else (rest, "", "")
+        address = self.client_address
+        environ = {"REMOTE_ADDR": address[0] if isinstance(address, tuple) else str(address),
+                   "REQUEST_METHOD": method or "-", "RAW_URI": uri or "-",
+                   "SERVER_PROTOCOL": protocol or "-"}
+        status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
+        elapsed = timedelta(seconds=max(0.0, (self.time_finish or time.time()) - self.time_start))
+        self.server.log.access(GeventResponse(status, [], self.response_length), [], environ,
+                               elapsed)
 
     def log_error(self, msg: str, *args: Any) -> None:
         try:

@@ -135,17 +135,34 @@ class ThrowawayPostgres:
         """Freeze the server (SIGSTOP): it accepts TCP but never answers."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGSTOP)
+        # Each backend calls setsid(): stop the already open connections too.
+        for pid in self._backends():
+            _signal(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
         """Thaw a paused server."""
         assert self.proc is not None
+        for pid in self._backends():
+            _signal(pid, signal.SIGCONT)
         os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def _backends(self) -> list[int]:
+        """PIDs of the postmaster's children (backends, background workers)."""
+        if self.proc is None:
+            return []
+        parents = _parents()
+        # The postmaster is proc itself, or (as root) the child of runuser.
+        postmaster = next((pid for pid, ppid in parents.items() if ppid == self.proc.pid),
+                          self.proc.pid) if self.user else self.proc.pid
+        return [pid for pid, ppid in parents.items() if ppid == postmaster]
 
     def stop_server(self) -> None:
         """Stop the server, keeping its data (start it again with restart())."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            for pid in self._backends():  # paused ones could not shut down
+                _signal(pid, signal.SIGCONT)
             os.killpg(self.proc.pid, signal.SIGCONT)
             # To the whole group: as root, proc is runuser, which does not
             # forward signals to the postmaster. SIGINT: fast shutdown.
@@ -166,6 +183,27 @@ class ThrowawayPostgres:
         """Stop the server and remove its folder."""
         self.stop_server()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _parents() -> dict[int, int]:
+    """Map every process on the host to its parent (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it exited meanwhile
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it exited meanwhile
 
 
 class ThrowawayRedis:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+import engineio
 import socketio
 
 from app.config import Settings
@@ -24,16 +26,46 @@ def build_server(settings: Settings, client_manager: socketio.Manager | None) ->
         origins = "*"
     else:
         origins = list(settings.cors_origins) or None  # None: same origin only
-    return socketio.Server(
+    return _Server(
         async_mode="gevent",
         client_manager=client_manager,
         cors_allowed_origins=origins,
         max_http_buffer_size=settings.max_payload,
         transports=list(settings.effective_transports),
         always_connect=False,
-        logger=False,
-        engineio_logger=False,
+        # Loggers, not False: given False, python-socketio and python-engineio
+        # each add a plain stderr handler of their own, which bypasses
+        # redaction (app/log.py configures these two).
+        logger=logging.getLogger("socketio"),
+        engineio_logger=logging.getLogger("engineio"),
     )
+
+
+class _EngineIOServer(engineio.Server):  # type: ignore[misc]
+    """python-engineio's server, without a hang on garbage from polling clients.
+
+    A polling POST with an unknown packet type (``6``) or a body over
+    ``max_http_buffer_size`` makes engineio call ``disconnect(sid)``, which
+    closes with ``wait=True``: it waits for a GET to drain the session's
+    queue. A client that sent garbage never sends it, so the request greenlet
+    (and its slot of gunicorn's worker_connections) was held forever.
+    """
+
+    def disconnect(self, sid: str | None = None) -> None:
+        sock = self.sockets.get(sid) if sid is not None else None
+        if sock is not None and not sock.upgraded:
+            # A GET already waiting still receives the CLOSE packet.
+            sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+            self.sockets.pop(sid, None)
+            return
+        super().disconnect(sid)
+
+
+class _Server(socketio.Server):  # type: ignore[misc]
+    """python-socketio's server on ``_EngineIOServer``."""
+
+    def _engineio_server_class(self) -> type[engineio.Server]:
+        return _EngineIOServer
 
 
 def build_wsgi(sio: socketio.Server, flask_app: WSGIApp, settings: Settings) -> WSGIApp:

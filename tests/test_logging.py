@@ -1,0 +1,242 @@
+"""No token or API key ever reaches a log line (contract 7), gunicorn's access
+log included, whatever way the client sends it, and whatever it sends."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from conftest import Listener, Server, base_env, publish
+from throwaway import ThrowawayPostgres
+
+from app.log import REDACTED, redact
+
+# --- redact() on examples -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "secret", "kept"), [
+    ("GET /socket.io/?EIO=4&token=s3cr3t-q&organizationId=42 HTTP/1.1", "s3cr3t-q",
+     "GET /socket.io/?EIO=4&token=[REDACTED]&organizationId=42 HTTP/1.1"),
+    ("/socket.io/?token=s3cr3t-first", "s3cr3t-first", "/socket.io/?token=[REDACTED]"),
+    ("/cb?access_token=s3cr3t-at&x=1", "s3cr3t-at", "/cb?access_token=[REDACTED]&x=1"),
+    ("/x?TOKEN=s3cr3t-upper", "s3cr3t-upper", "/x?TOKEN=[REDACTED]"),
+    ("token=s3cr3t-bare", "s3cr3t-bare", "token=[REDACTED]"),
+    ("/x?api_key=s3cr3t-ak", "s3cr3t-ak", "/x?api_key=[REDACTED]"),
+    ("/x?a=1;token=s3cr3t-semi", "s3cr3t-semi", "/x?a=1;token=[REDACTED]"),
+    ("Authorization: Bearer s3cr3t.jwt.sig", "s3cr3t.jwt.sig", "Authorization: Bearer [REDACTED]"),
+    ("authorization: bearer s3cr3t-lower", "s3cr3t-lower", "authorization: bearer [REDACTED]"),
+    ("HTTP_AUTHORIZATION='Bearer s3cr3t-env'", "s3cr3t-env", "HTTP_AUTHORIZATION='Bearer [REDACTED]'"),
+    ("{'token': 's3cr3t-dict', 'organizationId': '42'}", "s3cr3t-dict",
+     "{'token': '[REDACTED]', 'organizationId': '42'}"),
+    ('{"token": "s3cr3t-json", "organizationId": "42"}', "s3cr3t-json",
+     '{"token": "[REDACTED]", "organizationId": "42"}'),
+    ('40{"token":"s3cr3t-packet","organizationId":"org-a"}', "s3cr3t-packet",
+     '40{"token":"[REDACTED]","organizationId":"org-a"}'),
+    ("{'auth': {'token': 's3cr3t-nested'}}", "s3cr3t-nested", "{'auth': {'token': '[REDACTED]'}}"),
+    ("{'HTTP_AUTHORIZATION': 'Bearer s3cr3t-hdr'}", "s3cr3t-hdr",
+     "{'HTTP_AUTHORIZATION': 'Bearer [REDACTED]'}"),
+    ("{'access_token': 's3cr3t-acc'}", "s3cr3t-acc", "{'access_token': '[REDACTED]'}"),
+    ("postgresql://orgcast:s3cr3t-pw@db.internal:5432/app", "s3cr3t-pw",
+     "postgresql://orgcast:[REDACTED]@db.internal:5432/app"),
+    ("connecting to redis://:s3cr3t-redis@127.0.0.1:6379/0 failed", "s3cr3t-redis",
+     "connecting to redis://:[REDACTED]@127.0.0.1:6379/0 failed"),
+    ("Invalid HTTP version: 'GET /socket.io/?token=s3cr3t-raw HTTP/9.9\\r\\n'", "s3cr3t-raw",
+     "Invalid HTTP version: 'GET /socket.io/?token=[REDACTED] HTTP/9.9\\r\\n'"),
+    ("b'GET /?organizationId=1&token=s3cr3t-bytes HTTP/1.1'", "s3cr3t-bytes",
+     "b'GET /?organizationId=1&token=[REDACTED] HTTP/1.1'"),
+])
+def test_redact(text: str, secret: str, kept: str) -> None:
+    out = redact(text)
+    assert secret not in out
+    assert out == kept
+
+
+@pytest.mark.parametrize("text", [
+    "", "GET /healthz HTTP/1.1", "organizationId=42&room=organization.42",
+    "postgresql://orgcast@127.0.0.1/orgcast", "tokens are checked", "a=1&token=",
+])
+def test_redact_leaves_harmless_text_alone(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_redact_is_idempotent() -> None:
+    once = redact("GET /?token=abc HTTP/1.1 Authorization: Bearer xyz")
+    assert redact(once) == once
+    assert once.count(REDACTED) == 2
+
+
+# --- the real gunicorn: every way a secret can arrive ----------------------------
+
+
+def _secret(kind: str) -> str:
+    # Distinctive, at most 40 characters (oauth_access_tokens.access_token).
+    return f"tok-secret-{kind}-{uuid.uuid4().hex[:18]}"
+
+
+@pytest.fixture
+def secrets(postgres: ThrowawayPostgres) -> Iterator[dict[str, str]]:
+    """Valid tokens of alice (org-a) in the shared database, unique to this test."""
+    found = {kind: _secret(kind) for kind in (
+        "ws-query", "poll-query", "ws-auth", "poll-auth", "bearer", "cached")}
+    found.update({kind: _secret(kind) for kind in (
+        "refused-query", "refused-auth", "refused-bearer", "raw-line", "raw-header",
+        "raw-long", "access-param")})
+    found["api-key"] = f"api-secret-{uuid.uuid4().hex}"
+    found["wrong-api-key"] = f"wrong-api-secret-{uuid.uuid4().hex}"
+    valid = ("ws-query", "poll-query", "ws-auth", "poll-auth", "bearer", "cached")
+    rows = ", ".join(f"('{found[k]}', 'web', 'alice', LOCALTIMESTAMP + INTERVAL '1 day')"
+                     for k in valid)
+    postgres.psql("INSERT INTO oauth_access_tokens (access_token, client_id, user_id, expires) "
+                  f"VALUES {rows}")
+    try:
+        yield found
+    finally:
+        listed = ", ".join(f"'{found[k]}'" for k in valid)
+        postgres.psql(f"DELETE FROM oauth_access_tokens WHERE access_token IN ({listed})")
+
+
+def _raw(server: Server, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while len(received) < 100_000:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def _connect(server: Server, url: str | None = None, **kwargs: Any) -> Listener:
+    listener = Listener().connect(url or server.url, **kwargs)
+    return listener
+
+
+def _exercise(server: Server, s: dict[str, str]) -> None:
+    """Send every secret every way a client or backend would (and some they should not)."""
+    opened: list[Listener] = []
+    try:
+        # Accepted: the token in the query string (websocket, polling), in the
+        # auth payload (websocket, polling) and in Authorization: Bearer.
+        for kind, transports in (("ws-query", ["websocket"]), ("poll-query", ["polling"])):
+            listener = _connect(server, f"{server.url}?token={s[kind]}&organizationId=org-a",
+                                transports=transports)
+            assert listener.connect_error is None, (kind, listener.connect_error)
+            opened.append(listener)
+        for kind, transports in (("ws-auth", ["websocket"]), ("poll-auth", ["polling"])):
+            listener = _connect(server, auth={"token": s[kind], "organizationId": "org-a"},
+                                transports=transports)
+            assert listener.connect_error is None, (kind, listener.connect_error)
+            opened.append(listener)
+        listener = _connect(server, headers={"Authorization": f"Bearer {s['bearer']}"},
+                            auth={"organizationId": "org-a"})
+        assert listener.connect_error is None, listener.connect_error
+        opened.append(listener)
+        # The same token twice: the second time from the cache.
+        for _ in range(2):
+            listener = _connect(server, auth={"token": s["cached"], "organizationId": "org-a"})
+            assert listener.connect_error is None
+            opened.append(listener)
+
+        # Refused: unknown tokens, each way.
+        refused = [
+            _connect(server, f"{server.url}?token={s['refused-query']}&organizationId=org-a"),
+            _connect(server, auth={"token": s["refused-auth"], "organizationId": "org-a"},
+                     transports=["polling"]),
+            _connect(server, headers={"Authorization": f"Bearer {s['refused-bearer']}"},
+                     auth={"organizationId": "org-a"}),
+        ]
+        for listener in refused:
+            assert listener.refusal_code == "token_invalid", listener.connect_error
+            listener.close()
+
+        # The server API with the key, and with a wrong one.
+        assert publish(server, "org-a", "news", {"n": 1}, key=s["api-key"]).status_code == 202
+        for listener in opened:
+            assert listener.wait_for("news") == {"n": 1}
+        assert publish(server, "org-a", "news", {}, key=s["wrong-api-key"]).status_code == 401
+        with requests.get(f"{server.url}/admin/config", timeout=5,
+                          headers={"Authorization": f"Bearer {s['api-key']}"}) as reply:
+            assert reply.status_code in (200, 404)
+        with requests.post(f"{server.url}/api/v1/users/alice/events", timeout=5,
+                           data=b"not json",
+                           headers={"Authorization": f"Bearer {s['api-key']}"}) as reply:
+            assert reply.status_code == 400
+        with requests.get(f"{server.url}/healthz?access_token={s['access-param']}",
+                          timeout=5) as reply:
+            assert reply.status_code == 200
+    finally:
+        for listener in opened:
+            listener.close()
+
+    # Malformed requests, written by hand: the request line, a header, a
+    # request line over the limit, each carrying a token.
+    _raw(server, f"GET /socket.io/?token={s['raw-line']} HTTP/9.9\r\n\r\n".encode())
+    _raw(server, f"GET /socket.io/?token={s['raw-line']}&organizationId=org-a HTTP/1.1 x\r\n"
+                 "\r\n".encode())
+    _raw(server, f"GET /socket.io/?EIO=4&transport=polling&token={s['raw-header']} HTTP/1.1\r\n"
+                 "Host: x\r\nThis Is Not A Header\r\n\r\n".encode())
+    _raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+         + s["raw-header"].encode() + b"\r\nX-Bad: \x00\x01\r\nGarbage\r\n\r\n")
+    _raw(server, f"GET /socket.io/?token={s['raw-long']}&pad={'a' * 9000} HTTP/1.1\r\n"
+                 "Host: x\r\n\r\n".encode())
+    _raw(server, f"POST /api/v1/organizations/org-a/events?token={s['raw-line']} HTTP/1.1\r\n"
+                 f"Host: x\r\nAuthorization: Bearer {s['api-key']}\r\n"
+                 "Content-Length: 5\r\n\r\n{".encode())
+
+
+@pytest.mark.parametrize(("level", "log_format"), [("info", "text"), ("debug", "json")])
+def test_no_secret_in_any_log_line(secrets: dict[str, str], postgres: ThrowawayPostgres,
+                                   gunicorn_factory: Any, level: str, log_format: str) -> None:
+    server = gunicorn_factory(base_env(
+        postgres, ORGCAST_API_KEYS=secrets["api-key"], ORGCAST_AUTH_CACHE_TTL="60",
+        ORGCAST_LOG_LEVEL=level, ORGCAST_LOG_FORMAT=log_format))
+    _exercise(server, secrets)
+    server.stop()
+    output = server.output()
+
+    leaked = {kind: value for kind, value in secrets.items() if value in output}
+    assert not leaked, f"secrets in the log: {sorted(leaked)}\n{output[-3000:]}"
+    # The hexadecimal tails alone would betray a token cut in the middle.
+    assert not [k for k, v in secrets.items() if v[-18:] in output]
+
+    # The access log was written, request lines included, with tokens redacted.
+    assert f"token={REDACTED}&organizationId=org-a" in output
+    assert "GET /socket.io/?" in output
+    assert "POST /api/v1/organizations/org-a/events" in output
+    assert f"/healthz?access_token={REDACTED}" in output
+    assert " 401 " in output and " 202 " in output
+    # Requests gevent refuses are logged too, redacted, and without a traceback.
+    assert f'"GET /socket.io/?token={REDACTED} HTTP/9.9" 400' in output
+    assert "Traceback" not in output
+
+
+def test_library_log_floods_are_capped_and_counted() -> None:
+    """A client sending garbage makes engineio log a traceback per packet: the
+    filter lets a burst through, drops the rest, then says how many it dropped."""
+    import logging
+
+    from app.log import RateLimitFilter
+
+    limiter = RateLimitFilter(burst=3, period=0.2)
+
+    def record(n: int) -> logging.LogRecord:
+        return logging.LogRecord("engineio", logging.ERROR, __file__, 1, f"garbage {n}", None, None)
+
+    passed = [limiter.filter(record(n)) for n in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    deadline = time.monotonic() + 5
+    while time.monotonic() - limiter._window_start < limiter.period and time.monotonic() < deadline:
+        time.sleep(0.01)  # the window is time itself: wait it out, bounded
+    late = record(99)
+    assert limiter.filter(late)
+    assert "dropped 7 similar messages" in late.getMessage()
