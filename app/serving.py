@@ -19,7 +19,6 @@ loads it in the master before gevent patches the worker.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from datetime import timedelta
@@ -31,18 +30,8 @@ from geventwebsocket.websocket import Header, WebSocket
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIHandler
 
+from app.config import load_settings
 from app.log import make_formatter, redact, setup_logging
-
-_DEFAULT_MAX_PAYLOAD = 1048576
-
-
-def _max_payload() -> int:
-    # Read here rather than through Settings: gunicorn.conf.py validated it
-    # before any worker started, and the handler has no app to ask.
-    try:
-        return int(os.environ.get("ORGCAST_MAX_PAYLOAD", "") or _DEFAULT_MAX_PAYLOAD)
-    except ValueError:
-        return _DEFAULT_MAX_PAYLOAD
 
 
 class MessageTooBig(Exception):
@@ -53,7 +42,8 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
     """gevent-websocket's WebSocket with a size cap checked before reading."""
 
     __slots__ = ()
-    max_message: int = _DEFAULT_MAX_PAYLOAD
+    #: set from ORGCAST_MAX_PAYLOAD when the worker starts
+    max_message: int = 1048576
 
     def read_frame(self) -> tuple[Any, bytes]:
         header = Header.decode_header(self.stream)
@@ -186,7 +176,8 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     wsgi_handler = OrgcastHandler
 
     def init_process(self) -> None:
-        BoundedWebSocket.max_message = _max_payload()
+        # gunicorn.conf.py validated the settings before any worker started.
+        BoundedWebSocket.max_message = load_settings().max_payload
         super().init_process()
 
 
@@ -195,18 +186,17 @@ class RedactingLogger(Logger):  # type: ignore[misc]
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        log_format = os.environ.get("ORGCAST_LOG_FORMAT", "text").strip().lower() or "text"
+        settings = load_settings()
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
                 handler.setFormatter(_wrap(handler.formatter))
-        setup_logging(os.environ.get("ORGCAST_LOG_LEVEL", "info").strip() or "info", log_format)
+        setup_logging(settings.log_level, settings.log_format)
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
         for key, value in atoms.items():
             if isinstance(value, str):
                 atoms[key] = redact(value)
-        atoms["q"] = redact("?" + atoms["q"])[1:] if atoms.get("q") else atoms.get("q")
         return atoms
 
 

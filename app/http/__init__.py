@@ -72,12 +72,8 @@ def register(app: Flask, svc: Services) -> None:
     def http_error(exc: HTTPException) -> Any:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
-        headers = {"Allow": exc.response.headers["Allow"]} if (
-            status == 405 and exc.response is not None and "Allow" in exc.response.headers) else {}
-        if status == 405 and "Allow" not in headers and hasattr(exc, "valid_methods"):
-            methods = getattr(exc, "valid_methods", None)
-            if methods:
-                headers["Allow"] = ", ".join(methods)
+        # Keep what werkzeug says about the error, such as Allow on a 405.
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return error_body(code), status, headers
 
     @app.errorhandler(Exception)
