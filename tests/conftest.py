@@ -7,9 +7,11 @@ tok-dave (org-a and org-b), tok-expired (alice, expired an hour ago).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -306,6 +308,51 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.01)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+TRANSPORTS = [pytest.param(["websocket"], id="websocket"), pytest.param(["polling"], id="polling")]
+
+_serial = itertools.count()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transports(request: pytest.FixtureRequest) -> list[str]:
+    """Each test that asks for it runs over websocket and over long-polling."""
+    return list(request.param)
+
+
+def unique(label: str) -> str:
+    """A value no other test publishes, to tell events apart."""
+    return f"{label}-{next(_serial)}"
+
+
+def raw_exchange(server: Server, data: bytes, half_close: bool = True) -> bytes:
+    """Send ``data`` on a new TCP connection; return what comes back until the server closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(data)
+        if not half_close:
+            return b""
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while len(received) < 1_000_000:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def publish(server: Server, org: str, event: str = "news", data: Any = None,

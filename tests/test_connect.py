@@ -9,31 +9,16 @@ published to those rooms reach it. Absence is proved with a marker event
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
 from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, Server, base_env, publish, start_gunicorn
+from conftest import API_KEY, Server, base_env, publish, start_gunicorn, unique
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
-TRANSPORTS = [pytest.param(["websocket"], id="websocket"),
-              pytest.param(["polling"], id="polling")]
-
-_serial = itertools.count()
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transports(request: pytest.FixtureRequest) -> list[str]:
-    return list(request.param)
-
-
-def unique(label: str) -> str:
-    """A value no other test publishes, to tell events apart."""
-    return f"{label}-{next(_serial)}"
 
 
 def publish_to_user(server: Server, user_id: str, event: str = "news", data: Any = None) -> Any:

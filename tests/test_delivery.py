@@ -10,28 +10,14 @@ delivered.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, Server, publish
+from conftest import API_KEY, Server, publish, unique
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
-TRANSPORTS = [pytest.param(["websocket"], id="websocket"),
-              pytest.param(["polling"], id="polling")]
-
-_serial = itertools.count()
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transports(request: pytest.FixtureRequest) -> list[str]:
-    return list(request.param)
-
-
-def unique(label: str) -> str:
-    return f"{label}-{next(_serial)}"
 
 
 def api_post(server: Server, path: str, body: Any = None) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, Server, base_env
+from conftest import API_KEY, Server, base_env, free_port
 
 from app import __version__, create_app
 from app.config import load_settings
@@ -355,6 +355,22 @@ def test_healthz_is_ok(client: Any) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_checks_redis_when_configured(postgres: Any, redis_server: Any) -> None:
+    """With REDIS_URL set, /readyz reports Redis too; a Redis that does not
+    answer makes it 503 naming that check, while the database stays ok."""
+    ready = make_client(postgres, REDIS_URL=redis_server.url).get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"]["redis"]["ok"] is True
+    assert "latency_ms" in ready.get_json()["checks"]["redis"]
+
+    down = make_client(postgres, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0").get("/readyz")
+    assert down.status_code == 503
+    body = down.get_json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["redis"]["ok"] is False and body["checks"]["redis"]["error"]
+    assert body["checks"]["database"]["ok"] is True
 
 
 def test_readyz_reports_the_database_ready_with_its_latency(client: Any) -> None:

@@ -3,7 +3,6 @@ log included, whatever way the client sends it, and whatever it sends."""
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Listener, Server, base_env, publish
+from conftest import Listener, Server, base_env, publish, raw_exchange
 from throwaway import ThrowawayPostgres
 
 from app.log import REDACTED, redact
@@ -100,22 +99,6 @@ def secrets(postgres: ThrowawayPostgres) -> Iterator[dict[str, str]]:
         postgres.psql(f"DELETE FROM oauth_access_tokens WHERE access_token IN ({listed})")
 
 
-def _raw(server: Server, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while len(received) < 100_000:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
 def _connect(server: Server, url: str | None = None, **kwargs: Any) -> Listener:
     listener = Listener().connect(url or server.url, **kwargs)
     return listener
@@ -180,16 +163,16 @@ def _exercise(server: Server, s: dict[str, str]) -> None:
 
     # Malformed requests, written by hand: the request line, a header, a
     # request line over the limit, each carrying a token.
-    _raw(server, f"GET /socket.io/?token={s['raw-line']} HTTP/9.9\r\n\r\n".encode())
-    _raw(server, f"GET /socket.io/?token={s['raw-line']}&organizationId=org-a HTTP/1.1 x\r\n"
+    raw_exchange(server, f"GET /socket.io/?token={s['raw-line']} HTTP/9.9\r\n\r\n".encode())
+    raw_exchange(server, f"GET /socket.io/?token={s['raw-line']}&organizationId=org-a HTTP/1.1 x\r\n"
                  "\r\n".encode())
-    _raw(server, f"GET /socket.io/?EIO=4&transport=polling&token={s['raw-header']} HTTP/1.1\r\n"
+    raw_exchange(server, f"GET /socket.io/?EIO=4&transport=polling&token={s['raw-header']} HTTP/1.1\r\n"
                  "Host: x\r\nThis Is Not A Header\r\n\r\n".encode())
-    _raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+    raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
          + s["raw-header"].encode() + b"\r\nX-Bad: \x00\x01\r\nGarbage\r\n\r\n")
-    _raw(server, f"GET /socket.io/?token={s['raw-long']}&pad={'a' * 9000} HTTP/1.1\r\n"
+    raw_exchange(server, f"GET /socket.io/?token={s['raw-long']}&pad={'a' * 9000} HTTP/1.1\r\n"
                  "Host: x\r\n\r\n".encode())
-    _raw(server, f"POST /api/v1/organizations/org-a/events?token={s['raw-line']} HTTP/1.1\r\n"
+    raw_exchange(server, f"POST /api/v1/organizations/org-a/events?token={s['raw-line']} HTTP/1.1\r\n"
                  f"Host: x\r\nAuthorization: Bearer {s['api-key']}\r\n"
                  "Content-Length: 5\r\n\r\n{".encode())
 

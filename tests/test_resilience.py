@@ -25,7 +25,7 @@ import pytest
 import requests
 import socketio
 import websocket
-from conftest import API_KEY, ROOT, Listener, Server, base_env, publish
+from conftest import API_KEY, ROOT, Listener, Server, base_env, publish, raw_exchange, rss_kib
 from throwaway import ThrowawayPostgres
 
 pytestmark = pytest.mark.slow
@@ -119,13 +119,6 @@ def worker_pids(master: int) -> set[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == master:
             found.add(int(entry.name))
     return found
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def assert_delivers(server: Server, listen: Callable[..., Listener], **connect: Any) -> None:
@@ -346,25 +339,6 @@ def _polling_garbage(server: Server) -> None:
         assert 400 <= reply.status < 500, (query, reply.status)
 
 
-def _raw(server: Server, data: bytes, half_close: bool = True) -> bytes:
-    """Send ``data`` on a new TCP connection; return what comes back until the server closes."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(data)
-        if not half_close:
-            return b""
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while len(received) < 1_000_000:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
 def _tcp_garbage(server: Server) -> None:
     rng = random.Random(99)
     headers = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
@@ -397,14 +371,14 @@ def _tcp_garbage(server: Server) -> None:
         b"Sec-WebSocket-Version: 99\r\n\r\n",
     ]
     for data in cases:
-        _raw(server, data)
+        raw_exchange(server, data)
     # Some of them get a proper answer.
-    assert _raw(server, cases[5]).startswith(b"HTTP/1.1 414 ")
+    assert raw_exchange(server, cases[5]).startswith(b"HTTP/1.1 414 ")
     for bad_upgrade in cases[-2:]:
-        assert _raw(server, bad_upgrade).startswith(b"HTTP/1.1 400 "), bad_upgrade
+        assert raw_exchange(server, bad_upgrade).startswith(b"HTTP/1.1 400 "), bad_upgrade
     # Connections dropped mid-request, without a half-close first.
     for data in cases[:4]:
-        _raw(server, data, half_close=False)
+        raw_exchange(server, data, half_close=False)
 
 
 def _ws_handshake(server: Server) -> tuple[socket.socket, bytes]:
