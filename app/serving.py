@@ -167,7 +167,9 @@ class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
             message = msg % args if args else msg
         except Exception:
             message = msg
-        super().log_error(redact(str(message)))
+        # Through gunicorn's error log (redacted, in the configured format)
+        # rather than gevent's raw write to stderr.
+        self.server.log.warning("%s", redact(str(message)))
 
 
 class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
@@ -189,7 +191,8 @@ class RedactingLogger(Logger):  # type: ignore[misc]
         settings = load_settings()
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
-                handler.setFormatter(_wrap(handler.formatter))
+                handler.setFormatter(make_formatter("json") if settings.log_format == "json"
+                                     else _wrap(handler.formatter))
         setup_logging(settings.log_level, settings.log_format)
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
