@@ -6,6 +6,7 @@ variable instead of a worker crash loop.
 """
 
 import gc
+import resource
 import sys
 
 from app.config import ConfigError, load_settings
@@ -57,6 +58,25 @@ control_socket_disable = True
 
 
 # --- Server hooks
+
+
+def on_starting(server):
+    """Raise the open-file limit so worker_connections sockets can be opened.
+
+    Many systems start services with a soft limit of 1,024 descriptors: the
+    1,025th socket would fail with EMFILE long before worker_connections.
+    Raise the soft limit toward the hard one (workers inherit it), and say
+    so when even the hard limit is too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = worker_connections + 256  # sockets, plus the pool, logs and pipes
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            server.log.warning(
+                "open-file limit is %d (hard): fewer sockets than ORGCAST_WORKER_CONNECTIONS=%d "
+                "per worker can be open; raise it (ulimit -n, LimitNOFILE=)", target, worker_connections)
 
 
 def post_worker_init(worker):

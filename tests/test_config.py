@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import GUNICORN, ROOT
+import requests
+from conftest import GUNICORN, ROOT, base_env, wait_port
 from throwaway import free_port
 
 from app.config import (
@@ -266,3 +271,29 @@ def test_settings_fields_all_declared() -> None:
     assert len(names) == len(set(names))
     assert len(names) == len(Settings.__dataclass_fields__)
     assert all(doc for _, _, doc in declarations())
+
+
+def test_gunicorn_raises_a_low_open_file_limit(postgres: Any, tmp_path: Path) -> None:
+    """With a soft limit of 1,024 descriptors the 1,025th socket would fail
+    long before ORGCAST_WORKER_CONNECTIONS: the worker runs with more."""
+    prlimit = shutil.which("prlimit")
+    assert prlimit, "prlimit (util-linux) is needed"
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ORGCAST_")},
+           **base_env(postgres), "BIND": f"127.0.0.1:{port}", "ORGCAST_WORKER_CONNECTIONS": "3000"}
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([prlimit, "--nofile=1024:2048", GUNICORN, "-c", "gunicorn.conf.py", "wsgi:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, time.monotonic() + 20, proc)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        worker = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True,
+                                    check=True).stdout.split()[0])
+        limits = Path(f"/proc/{worker}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+        assert soft == 2048, limits
+        assert "open-file limit is 2048 (hard)" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
