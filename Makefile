@@ -1,6 +1,7 @@
 # orgcast — `make run` serves it, `make test` runs the whole suite.
 # Both set up what is missing: the virtualenv, the packages, and the Debian
-# packages of the servers the demo and the tests start (postgresql, redis).
+# packages of the servers the demo and the tests start (postgresql, redis,
+# nginx).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -28,9 +29,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Debian packages, installed when missing (as root; otherwise named).
 # run: PostgreSQL's server binaries, redis-server, npm (for the browser client).
-# test: the same, plus Chromium for the demo page's browser test.
+# test: the same, plus Chromium for the demo page's browser test and nginx
+# for the reverse-proxy test (it runs its own nginx, never the system one).
 RUN_PKGS  := postgresql redis-server npm
-TEST_PKGS := $(RUN_PKGS) chromium
+TEST_PKGS := $(RUN_PKGS) chromium nginx
 
 system-deps:
 	@$(MAKE) --no-print-directory apt-missing PKGS="$(RUN_PKGS)"
@@ -44,6 +46,7 @@ apt-missing:
 	    postgresql) { command -v pg_config >/dev/null && test -x "$$(pg_config --bindir)/initdb"; } || \
 	      ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql" ;; \
 	    chromium) test -x /usr/bin/chromium || missing="$$missing chromium" ;; \
+	    nginx) test -x /usr/sbin/nginx || missing="$$missing nginx" ;; \
 	    *) command -v $$pkg >/dev/null || missing="$$missing $$pkg" ;; \
 	  esac; done; \
 	  if [ -n "$$missing" ]; then \
