@@ -19,6 +19,7 @@ import pytest
 import requests
 import websocket
 from conftest import ROOT, ThrowawayPostgres, base_env, publish
+from throwaway import terminate
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLIENT_JS = ROOT / ".cache/npm/node_modules/socket.io-client/dist/socket.io.min.js"
@@ -113,13 +114,7 @@ class Browser:
     def stop(self) -> None:
         for page in self.pages:
             page.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         shutil.rmtree(self.profile, ignore_errors=True)

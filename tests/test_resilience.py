@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ import requests
 import socketio
 import websocket
 from conftest import API_KEY, ROOT, Listener, Server, base_env, publish, raw_exchange, rss_kib
-from throwaway import ThrowawayPostgres
+from throwaway import ThrowawayPostgres, children_of
 
 pytestmark = pytest.mark.slow
 
@@ -106,19 +105,8 @@ def healthz_seconds(server: Server) -> float:
 
 
 def worker_pids(master: int) -> set[int]:
-    """PIDs of the processes whose parent is ``master`` (gunicorn's workers)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, split after it.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-            found.add(int(entry.name))
-    return found
+    """PIDs of gunicorn's workers."""
+    return children_of(master)
 
 
 def assert_delivers(server: Server, listen: Callable[..., Listener], **connect: Any) -> None:
