@@ -11,10 +11,12 @@ GeventWebSocketWorker`` as it is:
   before reading it (close code 1009), so a client cannot make the server
   allocate without bound;
 - gevent's handler writes malformed request lines to stderr as they came;
-  ours redacts them.
+  ours logs them through gunicorn, redacted;
+- gevent-websocket's close() drops the close code; ours sends it.
 
-This module imports gevent, gevent-websocket and gunicorn only: gunicorn
-loads it in the master before gevent patches the worker.
+Besides gevent, gevent-websocket and gunicorn, this module imports only
+orgcast's leaf modules (config, log): gunicorn loads it in the master,
+before gevent patches the worker.
 """
 
 from __future__ import annotations
