@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -85,7 +87,7 @@ class Browser:
         self.proc = subprocess.Popen(
             [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
              "--remote-debugging-port=0", "about:blank"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pages: list[Page] = []
         # Chromium writes the port it chose into DevToolsActivePort.
         port_file = self.profile / "DevToolsActivePort"
@@ -115,6 +117,12 @@ class Browser:
         for page in self.pages:
             page.close()
         terminate(self.proc)
+        # Its helper processes (renderer, GPU, network) may outlive the
+        # browser for a moment and write into the profile: end the group.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         shutil.rmtree(self.profile, ignore_errors=True)
