@@ -265,10 +265,8 @@ class Listener:
                 return out
             out.append(item)
 
-    def drain(self, settle: float = 0.0) -> list[tuple[str, Any]]:
-        """Return every event received so far (after waiting ``settle`` seconds)."""
-        if settle:
-            time.sleep(settle)
+    def drain(self) -> list[tuple[str, Any]]:
+        """Return every event received so far (after a marker barrier, never a sleep)."""
         out = []
         while True:
             try:
