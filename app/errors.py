@@ -15,6 +15,7 @@ into ``{"error": {"code", "message"}}`` with the HTTP status of the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ API_ERRORS: dict[str, Code] = {
         Code("internal_error", "Internal error.", 500, True),
     )
 }
+
+
+def error_body(code: str, message: str | None = None) -> dict[str, Any]:
+    """Return the JSON body of an HTTP error: ``{"error": {"code", "message"}}``."""
+    return {"error": {"code": code, "message": message or API_ERRORS[code].message}}
 
 
 class OrgcastError(Exception):

@@ -552,3 +552,31 @@ def test_gunicorn_chunked_body_valid_up_to_the_limit_then_longer_is_413(
                              headers={**AUTH, "Content-Type": "application/json"},
                              data=iter([body[:100], body[100:]]), timeout=5)
     assert_error(response, 413, "payload_too_large")
+
+
+# --- Engine.IO's own refusals are JSON too ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "headers", "status", "code"),
+    [
+        ("GET", "EIO=4&transport=carrier-pigeon", {}, 400, "bad_request"),
+        ("GET", "EIO=4&transport=polling&sid=no-such-session", {}, 400, "bad_request"),
+        ("POST", "EIO=4&transport=polling&sid=no-such-session", {}, 400, "bad_request"),
+        ("GET", "EIO=3&transport=polling", {}, 400, "bad_request"),
+        ("GET", "EIO=4&transport=polling", {"Origin": "https://evil.example"}, 400, "bad_request"),
+        ("PUT", "EIO=4&transport=polling", {}, 405, "method_not_allowed"),
+    ],
+)
+def test_engineio_errors_are_json(app: Any, method: str, query: str, headers: dict[str, str],
+                                  status: int, code: str) -> None:
+    """Every HTTP error is JSON, those python-engineio writes itself included
+    (it answers them in text/plain): same shape, engineio's message kept."""
+    from werkzeug.test import Client
+
+    response = Client(app).open(f"/socket.io/?{query}", method=method, headers=headers)
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.get_json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]

@@ -16,7 +16,7 @@ from flask import Flask, current_app
 from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
-from app.errors import API_ERRORS, ApiError, Unavailable
+from app.errors import ApiError, Unavailable, error_body
 from app.publish.service import Publisher
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ def services() -> Services:
     """Return the services of the current app."""
     found: Services = current_app.extensions[EXTENSION]
     return found
-
-
-def error_body(code: str, message: str | None = None) -> dict[str, Any]:
-    """Return the JSON body of an error code."""
-    return {"error": {"code": code, "message": message or API_ERRORS[code].message}}
 
 
 def register(app: Flask, svc: Services) -> None:

@@ -12,7 +12,7 @@ import engineio
 import socketio
 
 from app.config import Settings
-from app.errors import API_ERRORS
+from app.errors import API_ERRORS, error_body
 
 SOCKETIO_PATH = "socket.io"
 
@@ -51,6 +51,17 @@ class _EngineIOServer(engineio.Server):  # type: ignore[misc]
     (and its slot of gunicorn's worker_connections) was held forever.
     """
 
+    # Every HTTP error is JSON, Engine.IO's own included (they were text/plain):
+    # {"error": {"code", "message"}} with engineio's message.
+    def _bad_request(self, message: str | None = None) -> dict[str, Any]:
+        return _json_error("400 BAD REQUEST", "bad_request", message)
+
+    def _method_not_found(self) -> dict[str, Any]:
+        return _json_error("405 METHOD NOT ALLOWED", "method_not_allowed", None)
+
+    def _unauthorized(self, message: str | None = None) -> dict[str, Any]:
+        return _json_error("401 UNAUTHORIZED", "unauthorized", message)
+
     def disconnect(self, sid: str | None = None) -> None:
         sock = self.sockets.get(sid) if sid is not None else None
         if sock is not None and not sock.upgraded:
@@ -59,6 +70,12 @@ class _EngineIOServer(engineio.Server):  # type: ignore[misc]
             self.sockets.pop(sid, None)
             return
         super().disconnect(sid)
+
+
+def _json_error(status: str, code: str, message: str | None) -> dict[str, Any]:
+    """An engineio response dict carrying orgcast's JSON error body."""
+    body = json.dumps(error_body(code, message)).encode()
+    return {"status": status, "headers": [("Content-Type", "application/json")], "response": body}
 
 
 class _Server(socketio.Server):  # type: ignore[misc]
@@ -84,7 +101,7 @@ def _refuse_polling(app: WSGIApp) -> WSGIApp:
     """
     prefix = "/" + SOCKETIO_PATH
     entry = API_ERRORS["polling_disabled"]
-    body = json.dumps({"error": {"code": entry.code, "message": entry.message}}).encode()
+    body = json.dumps(error_body(entry.code)).encode()
 
     def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "").startswith(prefix):
