@@ -580,3 +580,23 @@ def test_engineio_errors_are_json(app: Any, method: str, query: str, headers: di
     body = response.get_json()
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "origin", "allowed"),
+    [
+        ("https://app.example", "https://app.example", "https://app.example"),
+        ("https://app.example", "https://evil.example", None),
+        ("*", "https://anyone.example", "*"),
+        ("", "https://app.example", None),
+    ],
+)
+def test_config_is_readable_by_configured_browser_origins(postgres: Any, setting: str, origin: str,
+                                                          allowed: str | None) -> None:
+    client = make_client(postgres, ORGCAST_CORS_ORIGINS=setting)
+    response = client.get("/config", headers={"Origin": origin})
+    assert response.status_code == 200
+    assert response.headers.get("Access-Control-Allow-Origin") == allowed
+    api = client.post("/api/v1/organizations/org-a/events", json={"event": "news"},
+                      headers={"Origin": origin, "Authorization": f"Bearer {API_KEY}"})
+    assert "Access-Control-Allow-Origin" not in api.headers

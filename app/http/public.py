@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flask import Blueprint, abort, render_template, send_from_directory
+from flask import Blueprint, Response, abort, render_template, request, send_from_directory
 
 from app.http import services
 from app.realtime.rooms import ORGANIZATION_PREFIX, USER_PREFIX
@@ -31,6 +31,23 @@ def config() -> Any:
                   "user": USER_PREFIX + "<user_id>"},
         "events": {"server": ["news"], "client": []},
     }
+
+
+@bp.after_app_request
+def allow_configured_origins(response: Response) -> Response:
+    """Let the browser origins of ORGCAST_CORS_ORIGINS read ``/config``.
+
+    Socket.IO applies the same list to its own path; the server API and the
+    operator routes are for backends and stay same-origin.
+    """
+    if request.path != "/config":
+        return response
+    allowed = services().settings.cors_origins
+    origin = request.headers.get("Origin")
+    if origin and ("*" in allowed or origin.rstrip("/") in allowed):
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+        response.vary.add("Origin")
+    return response
 
 
 @bp.get("/demo")
