@@ -247,6 +247,11 @@ class Settings:
         "ORGCAST_AUTH_CACHE_TTL", "10",
         "seconds an accepted (token, organization) stays cached, never past the token's expiry; 0 turns it off",
         _non_neg_float)
+    header_timeout: float = setting(
+        "ORGCAST_HEADER_TIMEOUT", "30",
+        "seconds a client may take to send a request's line and headers, or stay idle between kept-alive "
+        "requests; open WebSockets and long-polls are not affected",
+        _pos_float)
     max_payload: int = setting(
         "ORGCAST_MAX_PAYLOAD", "1048576",
         "largest HTTP body, polling payload or WebSocket message accepted, in bytes",

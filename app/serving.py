@@ -129,6 +129,30 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
 class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
     """gevent-websocket's handler, logging through gunicorn with redaction."""
 
+    #: set from ORGCAST_HEADER_TIMEOUT when the worker starts
+    header_timeout: float = 30.0
+
+    def handle_one_request(self) -> Any:
+        # gevent's pywsgi waits for a request line and headers for ever: a
+        # client that opens connections and sends nothing (or a byte a
+        # minute) would hold worker_connections slots. Bound that wait, and
+        # the idle time of a kept-alive connection; read_request lifts it
+        # once the headers are in, so bodies, long-polls and WebSockets run
+        # without it.
+        if self.socket is not None:
+            self.socket.settimeout(self.header_timeout)
+        return super().handle_one_request()
+
+    def read_request(self, raw_requestline: str) -> Any:
+        result = super().read_request(raw_requestline)
+        self.socket.settimeout(None)
+        return result
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        if isinstance(ex, TimeoutError):
+            return None  # headers never finished: close quietly, no traceback
+        return super()._handle_client_error(ex)
+
     def upgrade_websocket(self) -> Any:
         result = super().upgrade_websocket()
         # gevent-websocket answers a bad upgrade (no key, unknown version) with
@@ -181,7 +205,9 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
 
     def init_process(self) -> None:
         # gunicorn.conf.py validated the settings before any worker started.
-        BoundedWebSocket.max_message = load_settings().max_payload
+        settings = load_settings()
+        BoundedWebSocket.max_message = settings.max_payload
+        OrgcastHandler.header_timeout = settings.header_timeout
         super().init_process()
 
 

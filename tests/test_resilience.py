@@ -569,3 +569,33 @@ def test_polling_refused_with_several_workers(pg: ThrowawayPostgres, gunicorn_fa
         if client.eio.http is not None:
             client.eio.http.close()
     assert "polling_disabled" in cause
+
+
+def test_slow_or_silent_clients_are_cut_off_but_open_sockets_are_not(
+        pg: ThrowawayPostgres, gunicorn_factory: Any, listen: Any) -> None:
+    """A client that never finishes its headers (slowloris) or leaves a
+    kept-alive connection idle is closed after ORGCAST_HEADER_TIMEOUT, quietly;
+    open WebSockets and long-polls outlive it."""
+    server = gunicorn_factory(base_env(pg, ORGCAST_HEADER_TIMEOUT="1"))
+    ws_client = listen(server.url, auth={"token": "tok-alice", "organizationId": "org-a"},
+                       transports=["websocket"])
+    polling_client = listen(server.url, auth={"token": "tok-bob", "organizationId": "org-a"},
+                            transports=["polling"])
+    assert ws_client.client.connected and polling_client.client.connected
+
+    for opening in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):  # silent; headers never end
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(opening)
+            started = time.monotonic()
+            assert sock.recv(1024) == b"", "the server closes the connection, answering nothing"
+            assert 0.5 < time.monotonic() - started < 5
+
+    # More than the timeout has passed: both sockets are still served.
+    publish(server, "org-a", data={"after": "idle"})
+    assert ws_client.wait_for("news") == {"after": "idle"}
+    assert polling_client.wait_for("news") == {"after": "idle"}
+    assert ws_client.client.connected and polling_client.client.connected
+    ws_client.close()
+    polling_client.close()
+    server.stop()
+    assert "Traceback" not in server.output()
