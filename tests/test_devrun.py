@@ -74,10 +74,18 @@ class DevRun:
                 self._cond.wait(remaining)
 
     def stop(self) -> None:
-        """Kill what is left (on a failed test) and close the pipe."""
+        """Stop what is left (on a failed test) and close the pipe.
+
+        SIGINT first, so that devrun stops gunicorn and removes its Postgres
+        as a user's Ctrl-C would; SIGKILL only if that does not work.
+        """
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._reader.join(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
@@ -94,10 +102,7 @@ def devrun() -> Iterator[Any]:
 
     yield start
     for run in started:
-        gunicorn = re.search(r"gunicorn pid (\d+)", run.output)
-        if gunicorn and pid_alive(int(gunicorn.group(1))):  # only after a failed test
-            os.kill(int(gunicorn.group(1)), signal.SIGKILL)
-        run.stop()
+        run.stop()  # after a passing test there is nothing left to stop
 
 
 @pytest.fixture
