@@ -53,8 +53,15 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def say(text: str = "") -> None:
-    """Print a line of this script's own output, flushed (gunicorn's interleaves)."""
-    print(text, flush=True)
+    """Print a line of this script's own output in one write.
+
+    gunicorn writes to the same terminal or pipe. print() writes the text and
+    the newline separately, and unbuffered (PYTHONUNBUFFERED) that is two
+    writes: an access-log line could land between them, in the middle of the
+    curl line. One write of a short line is never split.
+    """
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def split_bind(bind: str) -> tuple[str, int]:
