@@ -191,10 +191,11 @@ def children_of(pid: int) -> set[int]:
     return {child for child, parent in _parents().items() if parent == pid}
 
 
-def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM a child, wait up to ``timeout`` seconds, then SIGKILL it."""
+def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0,
+              sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to a child, wait up to ``timeout`` seconds, then SIGKILL it."""
     if proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, wait_port  # noqa: E402
+from throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, terminate, wait_port  # noqa: E402
 
 API_KEY = "test-api-key-0123456789"
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
@@ -119,13 +118,7 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
 
 
 def start_gunicorn(env: dict[str, str], tmp_path: Path, timeout: float = 20.0) -> Server:

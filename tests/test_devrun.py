@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import ROOT, ThrowawayPostgres, free_port
+from throwaway import terminate
 
 DEVRUN = ROOT / "scripts" / "devrun.py"
 STARTUP = 60.0  # initdb + Postgres + gunicorn on a slow machine
@@ -79,13 +80,7 @@ class DevRun:
         SIGINT first, so that devrun stops gunicorn and removes its Postgres
         as a user's Ctrl-C would; SIGKILL only if that does not work.
         """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30, signal.SIGINT)
         self._reader.join(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()

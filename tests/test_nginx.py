@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import API_KEY, ROOT, Server, base_env, unique
-from throwaway import ThrowawayPostgres, free_port, wait_port
+from throwaway import ThrowawayPostgres, free_port, terminate, wait_port
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
@@ -103,13 +103,7 @@ class Nginx:
 
     def stop(self) -> None:
         """Graceful quit (SIGQUIT), by PID; kill after a deadline."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10, signal.SIGQUIT)
 
 
 def start_nginx(tmp: Path, upstream_port: int, timeout: float = 10.0) -> Nginx:
