@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
     from app.realtime.server import build_server, build_wsgi
+    from app.realtime.timers import Timers
 
     if settings is None:
         settings = load_settings()
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Any:
     checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
                           cache_ttl=settings.auth_cache_ttl)
 
-    sio = build_server(settings, bus.make_client_manager(settings))
+    sio = build_server(settings, bus.make_client_manager(settings), Timers())
     sio.register_namespace(OrgcastNamespace(checker))
     publisher = Publisher(Fanout(sio), on_user_disconnected=checker.forget_user)
 

@@ -252,9 +252,28 @@ class Settings:
         "seconds a client may take to send a request's line and headers, or stay idle between kept-alive "
         "requests; open WebSockets and long-polls are not affected",
         _pos_float)
+    body_timeout: float = setting(
+        "ORGCAST_BODY_TIMEOUT", "10",
+        "seconds a client may take to send a request body; a connection whose body was not read to the end "
+        "is closed after the response",
+        _pos_float)
+    ping_interval: float = setting(
+        "ORGCAST_PING_INTERVAL", "25", "seconds between Engine.IO pings (decimals allowed)", _pos_float)
+    ping_timeout: float = setting(
+        "ORGCAST_PING_TIMEOUT", "20",
+        "seconds a client has to answer a ping before its session is closed (decimals allowed)", _pos_float)
+    connect_timeout: float = setting(
+        "ORGCAST_CONNECT_TIMEOUT", "45",
+        "seconds an Engine.IO session may stay without being admitted to the namespace `/` "
+        "(refused ones included) before it is closed, as Node's `connectTimeout`",
+        _pos_float)
     max_payload: int = setting(
         "ORGCAST_MAX_PAYLOAD", "1048576",
         "largest HTTP body, polling payload or WebSocket message accepted, in bytes",
+        _pos_int)
+    send_buffer: int = setting(
+        "ORGCAST_SEND_BUFFER", "4194304",
+        "bytes that may wait for a WebSocket client that reads slowly; past it the client is disconnected",
         _pos_int)
     log_level: str = setting(
         "ORGCAST_LOG_LEVEL", "info", "one of debug, info, warning, error", _choice(LOG_LEVELS))

@@ -3,18 +3,20 @@
 ::
 
     OrgcastError
-     ├── Refusal(code)        a connect / subscribe / refresh is refused (contract 4)
+     ├── Refusal(code)        a connect / subscribe / refresh is refused
      │    └── Unavailable     the database (or Redis) could not answer in time
-     └── ApiError(code)       a server-API request is refused (contract 5.1)
+     └── ApiError(code)       a server-API request is refused
 
-Services raise these; only the edges turn them into wire form:
-``realtime/namespace.py`` into a Socket.IO CONNECT_ERROR, ``http/__init__.py``
-into ``{"error": {"code", "message"}}`` with the HTTP status of the table.
+The tables are the README's "Refusal codes" and "Publishing over HTTP"
+error tables. Services raise these; only the edges turn them into wire
+form, each through one function here: ``http_error`` (the JSON body of
+every HTTP error), ``connect_error`` (a Socket.IO CONNECT_ERROR payload).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 
@@ -28,7 +30,7 @@ class Code:
     retryable: bool = False
 
 
-#: Connection refusals, in the order the connect check tests them (contract 4).
+#: Connection refusals, in the order the connect check tests them.
 REFUSALS: dict[str, Code] = {
     c.code: c
     for c in (
@@ -40,16 +42,18 @@ REFUSALS: dict[str, Code] = {
         Code("forbidden", "This user is not a member of the organization.", 403),
         Code("rate_limited", "Too many failed attempts from this address; retry later.", 429, True),
         Code("unavailable", "The authorization database did not answer in time; retry.", 503, True),
+        Code("namespace_invalid", "Invalid namespace: orgcast serves the namespace \"/\" only.", 400),
     )
 }
 
-#: Server-API errors (contract 5.1) and the HTTP errors every route may give.
+#: Server-API errors and the HTTP errors every route may give.
 API_ERRORS: dict[str, Code] = {
     c.code: c
     for c in (
         Code("bad_request", "The body must be a JSON object with an \"event\" string.", 400),
         Code("unauthorized", "Missing or wrong API key: send Authorization: Bearer <key>.", 401),
         Code("api_disabled", "The server API is disabled: set ORGCAST_API_KEYS.", 401),
+        Code("origin_not_allowed", "This Origin is not allowed: list it in ORGCAST_CORS_ORIGINS.", 403),
         Code("not_found", "No such route.", 404),
         Code("method_not_allowed", "Method not allowed on this route.", 405),
         Code("payload_too_large", "The body is larger than ORGCAST_MAX_PAYLOAD.", 413),
@@ -70,6 +74,21 @@ API_ERRORS: dict[str, Code] = {
 def error_body(code: str, message: str | None = None) -> dict[str, Any]:
     """Return the JSON body of an HTTP error: ``{"error": {"code", "message"}}``."""
     return {"error": {"code": code, "message": message or API_ERRORS[code].message}}
+
+
+def status_line(status: int) -> str:
+    """Return a WSGI status line such as ``400 Bad Request``."""
+    return f"{status} {HTTPStatus(status).phrase}"
+
+
+def http_error(status: int, code: str, message: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Return (status line, JSON body) of an HTTP error: the HTTP wire form of a code."""
+    return status_line(status), error_body(code, message)
+
+
+def connect_error(code: str, message: str | None = None) -> dict[str, Any]:
+    """Return a CONNECT_ERROR payload: ``{"message", "data": {"code"}}``, the Socket.IO wire form."""
+    return {"message": message or REFUSALS[code].message, "data": {"code": code}}
 
 
 class OrgcastError(Exception):

@@ -60,6 +60,40 @@ class JsonFormatter(RedactingFormatter):
         return redact(json.dumps(payload, default=str))
 
 
+class TracebackLimitFilter(logging.Filter):
+    """Let at most ``burst`` tracebacks through per ``period`` seconds from each place.
+
+    A place is the logger and line that logged. Past the limit the record is
+    dropped; the next one let through says how many were.
+    """
+
+    def __init__(self, burst: int = 3, period: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self._places: dict[tuple[str, str, int], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        place = (record.name, record.pathname, record.lineno)
+        now = time.monotonic()
+        state = self._places.get(place)
+        if state is None or now - state[0] >= self.period:
+            dropped = state[2] if state is not None else 0
+            if len(self._places) > 1000:
+                self._places.clear()  # bounded, whatever the number of places
+            state = self._places[place] = [now, 0.0, 0.0]
+            if dropped:
+                record.msg = f"(dropped {dropped:.0f} similar tracebacks in the last {self.period:.0f} s) " + str(
+                    record.msg)
+        if state[1] >= self.burst:
+            state[2] += 1
+            return False
+        state[1] += 1
+        return True
+
+
 class RateLimitFilter(logging.Filter):
     """Let at most ``burst`` records through per ``period`` seconds.
 
@@ -101,9 +135,15 @@ def make_formatter(log_format: str) -> logging.Formatter:
 
 
 def setup_logging(level: str, log_format: str) -> None:
-    """Send orgcast's and its libraries' loggers to stderr, redacted."""
+    """Send orgcast's and its libraries' loggers to stderr, redacted and rate-limited.
+
+    Tracebacks are capped per place (``TracebackLimitFilter``); the
+    libraries' loggers and ``app.client`` (lines a client's garbage causes)
+    are capped in all (``RateLimitFilter``): no client can fill the disks.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))
+    handler.filters[:] = [TracebackLimitFilter()]
     for name, lvl in (("app", level), ("socketio", "error"), ("engineio", "error"),
                       ("geventwebsocket", "error")):
         logger = logging.getLogger(name)
@@ -111,3 +151,4 @@ def setup_logging(level: str, log_format: str) -> None:
         logger.setLevel(lvl.upper())
         logger.propagate = False
         logger.filters[:] = [] if name == "app" else [RateLimitFilter()]
+    logging.getLogger("app.client").filters[:] = [RateLimitFilter()]

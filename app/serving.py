@@ -1,4 +1,4 @@
-"""gunicorn integration: the worker class and the access logger.
+"""gunicorn integration: the worker class, its HTTP handler and the access logger.
 
 Why a worker of our own instead of ``geventwebsocket.gunicorn.workers.
 GeventWebSocketWorker`` as it is:
@@ -6,139 +6,65 @@ GeventWebSocketWorker`` as it is:
 - its handler replaces gunicorn's access log with gevent-websocket's own
   request logger, which writes the whole request line, ``?token=`` included;
   ours logs through gunicorn's access logger, which redacts;
-- gevent-websocket reads a frame's whole payload, whatever length the header
-  announces; ours refuses a frame or message over ``ORGCAST_MAX_PAYLOAD``
-  before reading it (close code 1009), so a client cannot make the server
-  allocate without bound;
-- gevent's handler writes malformed request lines to stderr as they came;
-  ours logs them through gunicorn, redacted;
-- gevent-websocket's close() drops the close code; ours sends it.
+- it upgrades a WebSocket request before the application has looked at
+  it; ours leaves the upgrade to Engine.IO (``realtime/websocket.py`` has
+  the frame code and says what it changes);
+- gevent's pywsgi waits for ever for request headers and bodies, keeps
+  reading a body the application never wanted, and leaves ``Connection:
+  close`` out of the answer to a client that asked for it; ours bounds both
+  waits (``ORGCAST_HEADER_TIMEOUT``, ``ORGCAST_BODY_TIMEOUT``), closes a
+  connection whose body was not read to the end, and says so;
+- gevent writes malformed request lines and unexpected errors to stderr as
+  they came; ours logs them through gunicorn, redacted and rate-limited.
 
 Besides gevent, gevent-websocket and gunicorn, this module imports only
-orgcast's leaf modules (config, log): gunicorn loads it in the master,
-before gevent patches the worker.
+orgcast's leaf modules (config, log) and the WebSocket frame code: gunicorn
+loads it in the master, before gevent patches the worker.
 """
 
 from __future__ import annotations
 
-import struct
+import json
+import logging
+import socket
 import time
 from datetime import timedelta
 from typing import Any
 
-from geventwebsocket.exceptions import ProtocolError, WebSocketError
-from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import Header, WebSocket
+import gevent
+from gevent import pywsgi
+from geventwebsocket.websocket import Stream
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIHandler
 
 from app.config import load_settings
+from app.errors import http_error
 from app.log import make_formatter, redact, setup_logging
+from app.realtime.websocket import (
+    ACCEPT_KEY,
+    BoundedWebSocket,
+    accept_headers,
+    handshake_problem,
+    is_upgrade_request,
+)
+
+log = logging.getLogger("app.serving")
 
 
-class MessageTooBig(Exception):
-    """A frame or message is larger than the configured maximum."""
-
-
-class BoundedWebSocket(WebSocket):  # type: ignore[misc]
-    """gevent-websocket's WebSocket with a size cap checked before reading."""
-
-    __slots__ = ()
-    #: set from ORGCAST_MAX_PAYLOAD when the worker starts
-    max_message: int = 1048576
-
-    def read_frame(self) -> tuple[Any, bytes]:
-        header = Header.decode_header(self.stream)
-        if header.flags:
-            raise ProtocolError("reserved bits set")
-        if header.length > self.max_message:
-            raise MessageTooBig(f"frame of {header.length} bytes")
-        if not header.length:
-            return header, b""
-        payload = self.raw_read(header.length)
-        if len(payload) != header.length:
-            raise ProtocolError("unexpected EOF reading frame payload")
-        if header.mask:
-            payload = header.unmask_payload(payload)
-        return header, payload
-
-    def read_message(self) -> Any:
-        # gevent-websocket's read_message, with the running total of a
-        # fragmented message capped too (its version has no limit at all).
-        opcode = None
-        message = bytearray()
-        while True:
-            header, payload = self.read_frame()
-            f_opcode = header.opcode
-            if f_opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
-                if opcode:
-                    raise ProtocolError("new message inside a fragmented one")
-                self.utf8validator.reset()
-                self.utf8validate_last = (True, True, 0, 0)  # type: ignore[misc]
-                opcode = f_opcode
-            elif f_opcode == self.OPCODE_CONTINUATION:
-                if not opcode:
-                    raise ProtocolError("continuation frame without a message")
-            elif f_opcode == self.OPCODE_PING:
-                self.handle_ping(header, payload)
-                continue
-            elif f_opcode == self.OPCODE_PONG:
-                continue
-            elif f_opcode == self.OPCODE_CLOSE:
-                self.handle_close(header, payload)
-                return None
-            else:
-                raise ProtocolError(f"unexpected opcode {f_opcode!r}")
-            if opcode == self.OPCODE_TEXT:
-                self.validate_utf8(payload)
-            if len(message) + len(payload) > self.max_message:
-                raise MessageTooBig(f"message over {self.max_message} bytes")
-            message += payload
-            if header.fin:
-                break
-        if opcode == self.OPCODE_TEXT:
-            self.validate_utf8(message)
-            return self._decode_bytes(message)
-        return message
-
-    def receive(self) -> Any:
-        try:
-            return super().receive()
-        except MessageTooBig:
-            self.close(1009, b"message too big")
-            return None
-
-    def close(self, code: int = 1000, message: Any = b"") -> None:
-        # gevent-websocket's close() drops the code and sends str(message) as
-        # the payload: b"message too big" went out as "b'message too big'",
-        # which clients read as close code 25127.
-        if self.closed:
-            return
-        reason = message.encode() if isinstance(message, str) else bytes(message or b"")
-        try:
-            self.send_frame(struct.pack("!H", code) + reason[:123], opcode=self.OPCODE_CLOSE)
-        except WebSocketError:
-            pass  # the peer is gone: nothing to tell it
-        finally:
-            # What gevent-websocket's close() releases (setattr: its slots, not ours).
-            for name, value in (("closed", True), ("stream", None), ("raw_write", None),
-                                ("raw_read", None), ("environ", None)):
-                setattr(self, name, value)
-
-
-class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
-    """gevent-websocket's handler, logging through gunicorn with redaction."""
+class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
+    """gunicorn's pywsgi handler with bounded waits, lazy WebSocket upgrades and redacted logs."""
 
     #: set from ORGCAST_HEADER_TIMEOUT when the worker starts
     header_timeout: float = 30.0
+    #: set from ORGCAST_BODY_TIMEOUT when the worker starts
+    body_timeout: float = 10.0
 
     def handle_one_request(self) -> Any:
         # gevent's pywsgi waits for a request line and headers for ever: a
         # client that opens connections and sends nothing (or a byte a
         # minute) would hold worker_connections slots. Bound that wait, and
         # the idle time of a kept-alive connection; read_request lifts it
-        # once the headers are in, so bodies, long-polls and WebSockets run
-        # without it.
+        # once the headers are in, so long-polls and WebSockets run without it.
         if self.socket is not None:
             self.socket.settimeout(self.header_timeout)
         return super().handle_one_request()
@@ -148,26 +74,104 @@ class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
         self.socket.settimeout(None)
         return result
 
+    def handle_one_response(self) -> None:
+        # A body must arrive within ORGCAST_BODY_TIMEOUT in all (a client
+        # sending a byte every few seconds is as stuck as one sending none).
+        # When the time is up, the read side is shut: the application sees
+        # the body end early and answers 400, and the connection is closed.
+        timer = None
+        if self.content_length or self.headers.get("transfer-encoding", "").lower() == "chunked":
+            timer = self.server.loop.timer(self.body_timeout)
+            timer.start(self._body_expired)
+        try:
+            super().handle_one_response()
+        finally:
+            if timer is not None:
+                timer.stop()
+                timer.close()
+
+    def _body_expired(self) -> None:
+        if not self._body_complete() and self.socket is not None:
+            log.info("request body not received within %.3g s: closing the connection",
+                     self.body_timeout)
+            try:
+                self.socket.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # already gone
+
+    def _body_complete(self) -> bool:
+        body = self.wsgi_input
+        if body is None:
+            return True
+        if body.chunked_input:
+            return bool(body.chunk_length == 0 and not body._chunked_input_error)
+        return bool(body.position >= (body.content_length or 0))
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        write = super().start_response(status, headers, exc_info)
+        if self.code != 101 and not self._body_complete():
+            # Answered before the body was read (a 401, a 413): reading the
+            # rest could take for ever, so close instead of keeping it alive,
+            # and do not let pywsgi try to discard it.
+            self.close_connection = True
+            self.wsgi_input._chunked_input_error = True
+        if (self.close_connection and self.request_version == "HTTP/1.1" and self.code != 101
+                and not any(name.lower() == b"connection" for name, _ in self.response_headers)):
+            # pywsgi closes after the answer but does not say so on HTTP/1.1:
+            # keep-alive clients (node-fetch, Node >= 19) then reused a dead socket.
+            self.response_headers.append((b"Connection", b"close"))
+        return write
+
+    # --- WebSocket
+
+    def run_application(self) -> Any:
+        if is_upgrade_request(self.environ):
+            problem = handshake_problem(self.environ)
+            if problem is not None:
+                self._answer_json(400, "bad_request", problem)
+                return None
+            self.environ[ACCEPT_KEY] = self._accept_websocket
+        # pywsgi's own run_application: the application decides (Engine.IO
+        # upgrades through ACCEPT_KEY when it accepts the session).
+        return pywsgi.WSGIHandler.run_application(self)
+
+    def _accept_websocket(self) -> BoundedWebSocket:
+        """Answer 101 now and return the WebSocket (called by Engine.IO)."""
+        self.close_connection = True
+        self.start_response("101 Switching Protocols", accept_headers(self.environ))
+        # No Content-Length, Transfer-Encoding or Date on a 101.
+        self.provided_content_length = False
+        self.provided_date = True
+        self.response_use_chunked = False
+        self.write(b"")  # send the headers
+        self.environ.pop(ACCEPT_KEY, None)
+        return BoundedWebSocket(self.environ, Stream(self), self)
+
+    def _answer_json(self, status: int, code: str, message: str) -> None:
+        line, body = http_error(status, code, message)
+        data = json.dumps(body).encode()
+        self.close_connection = True
+        self.start_response(line, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        self.write(data)
+
+    # --- errors and logs
+
     def _handle_client_error(self, ex: BaseException) -> Any:
         if isinstance(ex, TimeoutError):
             return None  # headers never finished: close quietly, no traceback
         return super()._handle_client_error(ex)
 
-    def upgrade_websocket(self) -> Any:
-        result = super().upgrade_websocket()
-        # gevent-websocket answers a bad upgrade (no key, unknown version) with
-        # str chunks, which pywsgi cannot write: the client got no response
-        # and the log a traceback.
-        if isinstance(result, list):
-            return [r.encode() if isinstance(r, str) else r for r in result]
-        return result
-
-    def upgrade_connection(self) -> Any:
-        result = super().upgrade_connection()
-        websocket = getattr(self, "websocket", None)
-        if websocket is not None and type(websocket) is WebSocket:
-            websocket.__class__ = BoundedWebSocket
-        return result
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        # pywsgi prints the traceback of an error that escaped the application
+        # to stderr, unredacted and unlimited; log it through ours instead.
+        log.error("unhandled error in a request", exc_info=(t, v, tb))
+        del tb
+        self.close_connection = True
+        if not self.response_length:
+            try:
+                self._answer_json(500, "internal_error", "Internal error.")
+            except OSError:
+                pass  # the client is gone
 
     def log_request(self) -> None:
         if getattr(self, "environ", None) is not None:
@@ -198,6 +202,12 @@ class OrgcastHandler(WebSocketHandler, PyWSGIHandler):  # type: ignore[misc]
         self.server.log.warning("%s", redact(str(message)))
 
 
+def _print_exception(context: Any, type_: Any, value: Any, tb: Any) -> None:
+    """gevent hub's error printer, through orgcast's rate-limited, redacting log."""
+    logging.getLogger("app.greenlet").error("unhandled error in a greenlet (%s)", type(context).__name__,
+                                            exc_info=(type_, value, tb))
+
+
 class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent pywsgi worker speaking WebSocket through OrgcastHandler."""
 
@@ -207,8 +217,16 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
         # gunicorn.conf.py validated the settings before any worker started.
         settings = load_settings()
         BoundedWebSocket.max_message = settings.max_payload
+        BoundedWebSocket.max_buffer = settings.send_buffer
         OrgcastHandler.header_timeout = settings.header_timeout
+        OrgcastHandler.body_timeout = settings.body_timeout
         super().init_process()
+
+    def run(self) -> None:
+        # Errors in greenlets the hub runs (timers, spawned tasks) are printed
+        # by the hub to stderr; send them through the log instead.
+        gevent.get_hub().print_exception = _print_exception
+        super().run()
 
 
 class RedactingLogger(Logger):  # type: ignore[misc]

@@ -1,7 +1,11 @@
-"""The server API: publish to an organization or a user, disconnect a user (contract 5.1)."""
+"""The server API: publish to an organization or a user, disconnect a user.
+
+The README's "Publishing over HTTP" is this module's documentation.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, request
@@ -16,7 +20,7 @@ SOURCE = "http"
 
 
 def _event_body() -> tuple[Any, Any]:
-    """Return (event, data) from the JSON body.
+    """Return (event, data) from the JSON body; a body without ``data`` publishes ``null``.
 
     :raise ApiError: bad_request, payload_too_large (through werkzeug)
     """
@@ -27,7 +31,10 @@ def _event_body() -> tuple[Any, Any]:
         # A body without Content-Length (chunked) stops at the limit: werkzeug
         # returns it cut short instead of refusing it, which reads as bad JSON.
         raise ApiError("payload_too_large")
-    body = request.get_json(silent=True, force=True)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+        raise ApiError("bad_request") from None
     if not isinstance(body, dict) or "event" not in body:
         raise ApiError("bad_request")
     return body["event"], body.get("data")

@@ -23,9 +23,11 @@ class Fanout:
     def emit(self, room: str, event: str, data: Any) -> int:
         """Send ``event`` with ``data`` to every socket in ``room``; return how many."""
         # python-socketio encodes the packet once and reuses it per recipient.
+        # A 1-tuple is "exactly one argument": given None, emit() would send
+        # ["news"] (no argument) where Node's Socket.IO sends ["news",null].
         recipients = self.room_size(room)
         if recipients:
-            self._sio.emit(event, data, to=room, namespace=NAMESPACE)
+            self._sio.emit(event, (data,), to=room, namespace=NAMESPACE)
         return recipients
 
     def disconnect_room(self, room: str) -> int:

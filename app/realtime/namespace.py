@@ -1,7 +1,7 @@
 """The Socket.IO namespace: the connect check and the rooms a socket joins.
 
 This is the only module that turns a ``Refusal`` into a Socket.IO
-CONNECT_ERROR: ``{"message": <human text>, "data": {"code": <code>}}``.
+CONNECT_ERROR (``errors.connect_error``: ``{"message", "data": {"code"}}``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socketio
 
 from app.auth import credentials
 from app.auth.checker import AuthChecker, Principal
-from app.errors import Refusal, Unavailable
+from app.errors import Refusal, Unavailable, connect_error
 from app.realtime.rooms import organization_room, user_room
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def refusal_to_wire(exc: Refusal) -> socketio.exceptions.ConnectionRefusedError:
     """Build the CONNECT_ERROR python-socketio sends for a refusal."""
-    return socketio.exceptions.ConnectionRefusedError(exc.message, {"code": exc.code})
+    wire = connect_error(exc.code, exc.message)
+    return socketio.exceptions.ConnectionRefusedError(wire["message"], wire["data"])
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]

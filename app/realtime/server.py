@@ -1,4 +1,25 @@
-"""Build the python-socketio server and the WSGI callable around it."""
+"""Build the python-socketio server and the WSGI callable around it.
+
+``SocketServer`` is python-socketio's server held to the Socket.IO 5
+protocol's MUSTs, as Node's socket.io-parser and its ``Client`` apply them:
+
+- packets are decoded strictly (``decode_packet``): an unknown type, a
+  payload of the wrong shape (``42{}``), an ack id that is not a number
+  (``42abc[…]``), a client-sent CONNECT_ERROR (``44``), JSON that does not
+  decode or nests too deeply, an EVENT or DISCONNECT for a namespace the
+  client is not in, or a binary attachment nobody announced: each logs one
+  line (no traceback) and closes the Engine.IO session. python-socketio
+  logged a traceback and kept most of these sessions;
+- a CONNECT whose payload is not an object is such a violation, not
+  ``token_missing``;
+- a CONNECT to any namespace but ``/``, or a second one to ``/``, is
+  answered ``{"message", "data": {"code": "namespace_invalid"}}``: protocol
+  v5 wants an object there, and socket.io-client reads ``err.data.code``;
+- an Engine.IO session that is not admitted to ``/`` within
+  ``ORGCAST_CONNECT_TIMEOUT`` seconds is closed, refused ones included, as
+  Node's ``connectTimeout`` does; so is one that leaves ``/`` and does not
+  come back within that time.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +29,204 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-import engineio
 import socketio
+from socketio import packet as sio_packet
 
 from app.config import Settings
-from app.errors import API_ERRORS, error_body
+from app.errors import API_ERRORS, connect_error, error_body, status_line
+from app.realtime.engine import EngineServer
+from app.realtime.timers import Timer, Timers
 
 SOCKETIO_PATH = "socket.io"
+NAMESPACE = "/"
+
+#: event names a client may not send (socket.io-parser's RESERVED_EVENTS)
+RESERVED_EVENTS = frozenset(
+    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
+)
+#: most binary attachments one packet may announce
+MAX_ATTACHMENTS = 10
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+log = logging.getLogger(__name__)
+#: lines a client can cause: rate-limited by app/log.py
+client_log = logging.getLogger("app.client")
 
-def build_server(settings: Settings, client_manager: socketio.Manager | None) -> socketio.Server:
+
+class PacketError(ValueError):
+    """A Socket.IO packet that breaks the protocol."""
+
+
+def decode_packet(data: str) -> sio_packet.Packet:
+    """Decode one Socket.IO packet a client sent, as strictly as socket.io-parser.
+
+    :raise PacketError: anything socket.io-parser would refuse, and a client-sent CONNECT_ERROR
+    """
+    if not data or not data[0].isdigit():
+        raise PacketError("packet type is not a digit")
+    kind = int(data[0])
+    if kind > sio_packet.BINARY_ACK or kind == sio_packet.CONNECT_ERROR:
+        raise PacketError(f"packet type {kind} is not one a client sends")
+    rest = data[1:]
+    attachments = 0
+    if kind in (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK):
+        count, dash, rest = rest.partition("-")
+        if not dash or not count.isdigit() or len(count) > 2 or int(count) > MAX_ATTACHMENTS:
+            raise PacketError("bad attachment count")
+        attachments = int(count)
+    namespace = NAMESPACE
+    if rest.startswith("/"):
+        namespace, comma, rest = rest.partition(",")
+        if not comma:
+            rest = ""
+        namespace = namespace.partition("?")[0]
+    ack_id = None
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    if digits:
+        if digits > 15:
+            raise PacketError("ack id too long")
+        ack_id, rest = int(rest[:digits]), rest[digits:]
+    payload: Any = None
+    if rest:
+        try:
+            payload = json.loads(rest)
+        except (ValueError, RecursionError):
+            raise PacketError("payload is not JSON") from None
+    _check_payload(kind, payload, rest != "")
+    pkt = sio_packet.Packet(kind, data=payload, namespace=namespace, id=ack_id, binary=False)
+    pkt.attachment_count = attachments
+    return pkt
+
+
+def _check_payload(kind: int, payload: Any, present: bool) -> None:
+    if kind == sio_packet.CONNECT:
+        ok = not present or isinstance(payload, dict)
+    elif kind == sio_packet.DISCONNECT:
+        ok = not present
+    elif kind in (sio_packet.EVENT, sio_packet.BINARY_EVENT):
+        ok = (isinstance(payload, list) and len(payload) > 0
+              and (isinstance(payload[0], str) and payload[0] not in RESERVED_EVENTS
+                   or isinstance(payload[0], int) and not isinstance(payload[0], bool)))
+    else:  # ACK, BINARY_ACK
+        ok = isinstance(payload, list)
+    if not ok:
+        raise PacketError(f"invalid payload for packet type {kind}")
+
+
+class SocketServer(socketio.Server):  # type: ignore[misc]
+    """python-socketio's server on ``EngineServer``, with the rules above."""
+
+    def __init__(self, *, connect_timeout: float, timers: Timers, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.connect_timeout = connect_timeout
+        self.timers = timers
+        #: Engine.IO sessions not (or no longer) admitted to "/", with their deadline
+        self._pending: dict[str, Timer] = {}
+        #: binary attachments still expected, by Engine.IO session
+        self._attachments: dict[str, int] = {}
+
+    def _engineio_server_class(self) -> type[EngineServer]:
+        return EngineServer
+
+    # --- admission deadline
+
+    def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        super()._handle_eio_connect(eio_sid, environ)
+        self._arm(eio_sid)
+
+    def _arm(self, eio_sid: str) -> None:
+        old = self._pending.pop(eio_sid, None)
+        if old is not None:
+            old.cancel()
+        self._pending[eio_sid] = self.timers.call_later(self.connect_timeout, self._admission_expired,
+                                                        eio_sid)
+
+    def _admission_expired(self, eio_sid: str) -> None:
+        self._pending.pop(eio_sid, None)
+        if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None and eio_sid in self.eio.sockets:
+            client_log.info("closing an Engine.IO session not admitted within %.3g s", self.connect_timeout)
+            self.eio.disconnect(eio_sid)
+
+    def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        pending = self._pending.pop(eio_sid, None)
+        if pending is not None:
+            pending.cancel()
+        self._attachments.pop(eio_sid, None)
+        super()._handle_eio_disconnect(eio_sid, reason)
+
+    # --- packets
+
+    def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            self._dispatch(eio_sid, data)
+        except PacketError as exc:
+            client_log.info("closing Engine.IO session: Socket.IO protocol error: %s", exc)
+            self.eio.disconnect(eio_sid)
+
+    def _dispatch(self, eio_sid: str, data: Any) -> None:
+        if not isinstance(data, str):
+            # A binary attachment: only after a packet that announced it.
+            left = self._attachments.get(eio_sid, 0)
+            if not left:
+                raise PacketError("binary data nobody announced")
+            if left == 1:
+                del self._attachments[eio_sid]
+            else:
+                self._attachments[eio_sid] = left - 1
+            return
+        if eio_sid in self._attachments:
+            raise PacketError("a packet arrived before the announced binary attachments")
+        pkt = decode_packet(data)
+        namespace = pkt.namespace
+        admitted = self.manager.sid_from_eio_sid(eio_sid, namespace) is not None
+        kind = pkt.packet_type
+        if kind == sio_packet.CONNECT:
+            if namespace != NAMESPACE or admitted:
+                self._send_packet(eio_sid, self.packet_class(
+                    sio_packet.CONNECT_ERROR, data=connect_error("namespace_invalid"),
+                    namespace=namespace))
+                return
+            self._handle_connect(eio_sid, namespace, pkt.data)
+            if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None:
+                pending = self._pending.pop(eio_sid, None)
+                if pending is not None:
+                    pending.cancel()
+            return
+        if not admitted:
+            raise PacketError(f"packet type {kind} for a namespace the client is not in")
+        if kind == sio_packet.DISCONNECT:
+            self._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
+            self._arm(eio_sid)
+        elif kind in (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK):
+            # Clients cannot publish and orgcast's client events take JSON:
+            # swallow the attachments, ignore the event.
+            if pkt.attachment_count:
+                self._attachments[eio_sid] = pkt.attachment_count
+            log.debug("ignored a binary packet from a client")
+        elif kind == sio_packet.EVENT:
+            self._handle_event(eio_sid, namespace, pkt.id, pkt.data)
+        else:
+            self._handle_ack(eio_sid, namespace, pkt.id, pkt.data)
+
+
+def build_server(settings: Settings, client_manager: socketio.Manager | None, timers: Timers) -> SocketServer:
     """Return a gevent-mode Socket.IO server configured from the settings."""
     origins: str | list[str] | None
     if settings.cors_origins == ("*",):
         origins = "*"
     else:
         origins = list(settings.cors_origins) or None  # None: same origin only
-    return _Server(
+    return SocketServer(
+        connect_timeout=settings.connect_timeout,
+        timers=timers,
         async_mode="gevent",
         client_manager=client_manager,
         cors_allowed_origins=origins,
         max_http_buffer_size=settings.max_payload,
         transports=list(settings.effective_transports),
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
         always_connect=False,
         # Loggers, not False: given False, python-socketio and python-engineio
         # each add a plain stderr handler of their own, which bypasses
@@ -39,50 +234,6 @@ def build_server(settings: Settings, client_manager: socketio.Manager | None) ->
         logger=logging.getLogger("socketio"),
         engineio_logger=logging.getLogger("engineio"),
     )
-
-
-class _EngineIOServer(engineio.Server):  # type: ignore[misc]
-    """python-engineio's server, without a hang on garbage from polling clients.
-
-    A polling POST with an unknown packet type (``6``) or a body over
-    ``max_http_buffer_size`` makes engineio call ``disconnect(sid)``, which
-    closes with ``wait=True``: it waits for a GET to drain the session's
-    queue. A client that sent garbage never sends it, so the request greenlet
-    (and its slot of gunicorn's worker_connections) was held forever.
-    """
-
-    # Every HTTP error is JSON, Engine.IO's own included (they were text/plain):
-    # {"error": {"code", "message"}} with engineio's message.
-    def _bad_request(self, message: str | None = None) -> dict[str, Any]:
-        return _json_error("400 BAD REQUEST", "bad_request", message)
-
-    def _method_not_found(self) -> dict[str, Any]:
-        return _json_error("405 METHOD NOT ALLOWED", "method_not_allowed", None)
-
-    def _unauthorized(self, message: str | None = None) -> dict[str, Any]:
-        return _json_error("401 UNAUTHORIZED", "unauthorized", message)
-
-    def disconnect(self, sid: str | None = None) -> None:
-        sock = self.sockets.get(sid) if sid is not None else None
-        if sock is not None and not sock.upgraded:
-            # A GET already waiting still receives the CLOSE packet.
-            sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
-            self.sockets.pop(sid, None)
-            return
-        super().disconnect(sid)
-
-
-def _json_error(status: str, code: str, message: str | None) -> dict[str, Any]:
-    """An engineio response dict carrying orgcast's JSON error body."""
-    body = json.dumps(error_body(code, message)).encode()
-    return {"status": status, "headers": [("Content-Type", "application/json")], "response": body}
-
-
-class _Server(socketio.Server):  # type: ignore[misc]
-    """python-socketio's server on ``_EngineIOServer``."""
-
-    def _engineio_server_class(self) -> type[engineio.Server]:
-        return _EngineIOServer
 
 
 def build_wsgi(sio: socketio.Server, flask_app: WSGIApp, settings: Settings) -> WSGIApp:
@@ -97,7 +248,8 @@ def _refuse_polling(app: WSGIApp) -> WSGIApp:
     """Answer polling requests with a clear JSON 400 instead of 'Invalid transport'.
 
     With several workers a polling session's requests land on different
-    processes and would meet ``400 Invalid session`` (contract 3).
+    processes and would meet ``400 Invalid session`` (README, "Workers,
+    long-polling and sticky sessions").
     """
     prefix = "/" + SOCKETIO_PATH
     entry = API_ERRORS["polling_disabled"]
@@ -107,7 +259,7 @@ def _refuse_polling(app: WSGIApp) -> WSGIApp:
         if environ.get("PATH_INFO", "").startswith(prefix):
             transport = parse_qs(environ.get("QUERY_STRING", "")).get("transport", [""])[0]
             if transport == "polling":
-                start_response(f"{entry.status} Bad Request", [
+                start_response(status_line(entry.status), [
                     ("Content-Type", "application/json"),
                     ("Content-Length", str(len(body))),
                 ])
