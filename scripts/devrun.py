@@ -1,7 +1,7 @@
 """Run orgcast for development: ``make run``.
 
-With no ``DATABASE_URL`` it starts a throwaway Postgres, creates the schema of
-contract section 2, loads the demo data (organization ``acme``, users alice
+With no ``DATABASE_URL`` it starts a throwaway Postgres, creates the two tables
+orgcast reads (``scripts/schema.sql``), loads the demo data (organization ``acme``, users alice
 and bob) and turns the ``/demo`` page on; without ``ORGCAST_API_KEYS`` it
 makes up a key for this run. Then it runs ``gunicorn -c gunicorn.conf.py
 wsgi:app`` as a child, waits for ``/healthz`` and prints what to try.

@@ -8,8 +8,10 @@ tok-dave (org-a and org-b), tok-expired (alice, expired an hour ago).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -299,6 +301,76 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.01)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+# --- the official socket.io-client (Node.js) ------------------------------------
+
+NODE_MODULES = ROOT / ".cache" / "npm" / "node_modules"
+CLIENT = ROOT / "tests" / "js" / "client.js"
+
+
+class JsClient:
+    """A Node.js socket.io-client process whose JSON lines we can wait on."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        node = shutil.which("node")
+        assert node, "node is required (Debian package nodejs)"
+        assert (NODE_MODULES / "socket.io-client").is_dir(), "run make to fetch socket.io-client"
+        self.proc = subprocess.Popen(
+            [node, str(CLIENT), url, json.dumps(options)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={"NODE_PATH": str(NODE_MODULES), "PATH": "/usr/bin:/bin"})
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                self.lines.put({"type": "output", "text": line})
+
+    def next(self, *types: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Return the next line of one of ``types``; fail after ``timeout``."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {types} from the JS client within {timeout} s") from None
+            if line["type"] in types:
+                return line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("close\n")
+                self.proc.stdin.flush()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._reader.join(5)
+
+
+@pytest.fixture
+def js_client() -> Iterator[Any]:
+    started: list[JsClient] = []
+
+    def start(url: str, **options: Any) -> JsClient:
+        client = JsClient(url, options)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.close()
+
 
 
 # --- shared helpers ---------------------------------------------------------------

@@ -103,7 +103,7 @@ class Clock:
         (TokenRow("u", active=True, expires_in=100.0, member=False), "forbidden"),
     ],
 )
-def test_checker_refuses_in_contract_order(row: TokenRow | None, code: str) -> None:
+def test_checker_refuses_in_the_documented_order(row: TokenRow | None, code: str) -> None:
     checker = AuthChecker(CountingStore(row), cache_ttl=10)
     with pytest.raises(Refusal) as info:
         checker.authorize(Credentials("t", "o"))

@@ -1,7 +1,7 @@
 """Settings: casts, defaults, redaction, start-up refusal, and the README table.
 
 A bad value must stop start-up with one line naming the variable, never
-half-configured, and never echo a secret (contract 3, style 2 and 3).
+half-configured, and never echo a secret (README, "Configuration").
 """
 
 from __future__ import annotations

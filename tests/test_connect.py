@@ -1,4 +1,4 @@
-"""The connect check over a real gunicorn, with real Socket.IO clients (contract 4).
+"""The connect check over a real gunicorn, with real Socket.IO clients (README, "Connecting from a browser").
 
 Every test runs over a real WebSocket and over long-polling. Admission is
 proved by delivery, never by the client's own ``connected`` flag alone: a
@@ -84,7 +84,7 @@ REFUSALS = [
                  id="forbidden"),
     pytest.param({"token": "tok-alice", "organizationId": "org-nobody"}, "forbidden",
                  id="forbidden-unknown-organization"),
-    # The checks run in the contract's order: the first failing one is reported.
+    # The checks run in the README's order: the first failing one is reported.
     pytest.param({"token": "tok-nobody"}, "organization_missing",
                  id="order-organization_missing-before-token_invalid"),
     pytest.param({"token": "tok-nobody", "organizationId": "a b"}, "organization_invalid",

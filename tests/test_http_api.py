@@ -1,4 +1,5 @@
-"""The server API (contract 5.1) and the operator routes (contract 6).
+"""The server API (README, "Publishing over HTTP") and the operator routes
+(README, "Operator routes").
 
 Mostly through the in-process Flask test client (fast); the last section
 repeats the essentials through a real gunicorn.

@@ -1,4 +1,4 @@
-"""No token or API key ever reaches a log line (contract 7), gunicorn's access
+"""No token or API key ever reaches a log line (README, "Deployment"), gunicorn's access
 log included, whatever way the client sends it, and whatever it sends."""
 
 from __future__ import annotations
@@ -230,3 +230,33 @@ def test_library_log_floods_are_capped_and_counted() -> None:
     late = record(99)
     assert limiter.filter(late)
     assert "dropped 7 similar messages" in late.getMessage()
+
+
+def test_tracebacks_are_capped_per_place() -> None:
+    """No client can make orgcast write tracebacks at will: a few a minute from
+    each place; other places keep theirs; records without one are untouched."""
+    import logging
+    import sys
+
+    from app.log import TracebackLimitFilter
+
+    limiter = TracebackLimitFilter(burst=3, period=0.2)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+
+    def record(line: int, exc: bool = True) -> logging.LogRecord:
+        return logging.LogRecord("app.x", logging.ERROR, __file__, line, "failed", None,
+                                 exc_info if exc else None)
+
+    assert [limiter.filter(record(10)) for _ in range(6)] == [True] * 3 + [False] * 3
+    assert limiter.filter(record(20))  # another place
+    assert all(limiter.filter(record(10, exc=False)) for _ in range(10))
+    (window_start, _, _) = limiter._places[("app.x", __file__, 10)]
+    deadline = time.monotonic() + 5
+    while time.monotonic() - window_start < limiter.period and time.monotonic() < deadline:
+        time.sleep(0.01)  # the window is time itself: wait it out, bounded
+    late = record(10)
+    assert limiter.filter(late)
+    assert "dropped 3 similar tracebacks" in late.getMessage()

@@ -262,7 +262,7 @@ def test_bad_websocket_handshakes_are_400_json(suite_server: Server, drop: str, 
     no_tracebacks(suite_server)
 
 
-def test_a_second_websocket_for_an_upgraded_session_is_refused(suite_server: Server) -> None:
+def test_a_second_websocket_for_an_upgraded_session_is_closed_and_the_first_kept(suite_server: Server) -> None:
     sid = polling_open(suite_server)
     ws = websocket.create_connection(
         f"ws://127.0.0.1:{suite_server.port}/socket.io/?EIO=4&transport=websocket&sid={sid}", timeout=5)
@@ -270,10 +270,17 @@ def test_a_second_websocket_for_an_upgraded_session_is_refused(suite_server: Ser
         ws.send("2probe")
         assert ws.recv() == "3probe"
         ws.send("5")
-        reply = raw_http(suite_server.port, upgrade_request(
-            f"/socket.io/?EIO=4&transport=websocket&sid={sid}"))
-        assert reply.status == 400
+        # As Node does: the second WebSocket is accepted and closed at once ...
+        second = websocket.create_connection(
+            f"ws://127.0.0.1:{suite_server.port}/socket.io/?EIO=4&transport=websocket&sid={sid}", timeout=5)
+        try:
+            assert RawSession(second, {}).wait_closed(timeout=1) < 1
+        finally:
+            second.shutdown()
         assert requests.get(poll_url(suite_server, sid), timeout=5).status_code == 400
+        # ... and the first one carries on.
+        ws.send('40{"token":"tok-alice","organizationId":"org-a"}')
+        assert ws.recv().startswith("40{")
     finally:
         ws.shutdown()
 

@@ -1,5 +1,5 @@
 """The real gunicorn process survives a database that is down, hung or slow, and
-clients that send garbage (contract 7): it answers ``unavailable`` / ``503``,
+clients that send garbage (README, "Limits that protect the process"): it answers ``unavailable`` / ``503``,
 keeps serving everyone else, and recovers by itself.
 
 Every test here that stops, pauses or slows Postgres does so to this module's

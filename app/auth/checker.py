@@ -1,7 +1,7 @@
 """The connect check: who is this token, and may it listen to this organization.
 
 A service: it knows nothing of Socket.IO, HTTP or psycopg2. Its store comes
-in through the constructor, and it raises ``Refusal`` with a contract code.
+in through the constructor, and it raises ``Refusal`` with a code of the README's "Refusal codes".
 """
 
 from __future__ import annotations

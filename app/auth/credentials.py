@@ -2,7 +2,7 @@
 
 Also the plain records the auth layers pass each other (``TokenRow``).
 
-First found wins (contract 4): the Socket.IO ``auth`` payload, then the query
+First found wins (README, "Connecting from a browser"): the Socket.IO ``auth`` payload, then the query
 string, then ``Authorization: Bearer`` (with organizationId from auth or query).
 """
 

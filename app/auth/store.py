@@ -1,4 +1,5 @@
-"""The two configurable lookups of contract 2, against the application's database.
+"""The two configurable lookups (README, "Configuration": ORGCAST_TOKEN_SQL and
+ORGCAST_MEMBERSHIP_SQL), against the application's database.
 
 The connect check costs one round trip: the token SQL becomes a CTE and the
 membership SQL an ``EXISTS`` over it, its ``%(user_id)s`` bound to the
@@ -41,7 +42,7 @@ class AuthStore:
         membership_of_token = membership_sql.replace(
             "%(user_id)s", "(SELECT user_id FROM orgcast_token LIMIT 1)")
         # expires is compared in the database, in the session's time zone
-        # (contract 2), so the remaining lifetime is computed there too.
+        # (ORGCAST_DB_TIMEZONE), so the remaining lifetime is computed there too.
         self._combined_sql = (
             f"WITH orgcast_token AS ({token_sql}) "
             "SELECT t.user_id::text, t.active, "

@@ -1,4 +1,4 @@
-"""Liveness and readiness: ``/healthz``, ``/readyz`` (contract 6)."""
+"""Liveness and readiness: ``/healthz``, ``/readyz`` (README, "Operator routes")."""
 
 from __future__ import annotations
 

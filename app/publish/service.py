@@ -18,7 +18,7 @@ from app.realtime.rooms import is_valid_room, organization_room, user_room
 
 log = logging.getLogger(__name__)
 
-#: Event names Socket.IO clients reserve for themselves (contract 5.1).
+#: Event names Socket.IO clients reserve for themselves (README, "Publishing over HTTP").
 RESERVED_EVENTS = frozenset(
     {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
 )

@@ -146,7 +146,10 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             raise ProtocolViolation("a polling POST needs a Content-Length")
         if int(length) > self.server.max_http_buffer_size:
             raise ProtocolViolation("payload over ORGCAST_MAX_PAYLOAD")
-        raw = environ["wsgi.input"].read(int(length))
+        try:
+            raw = environ["wsgi.input"].read(int(length))
+        except OSError:  # the client went away, or ORGCAST_BODY_TIMEOUT cut it off
+            raw = b""
         if len(raw) != int(length):
             raise ProtocolViolation("the body ended early")
         try:
@@ -314,6 +317,12 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
             # Overdue: its pong never came (the service task may not have seen it yet).
             self.sockets.pop(sid, None)
             return self._bad_request("Unknown or closed session.")
+        accept = environ.get(ACCEPT_KEY)
+        if (socket.upgraded or socket.upgrading) and transport == "websocket" and accept is not None:
+            # As Node's engine.io (and its protocol suite) do: accept this
+            # second WebSocket and close it; the session keeps its first.
+            accept().close()
+            return []
         if socket.upgraded:
             return self._bad_request("This session has already been upgraded to WebSocket.")
         if not socket.connected:

@@ -1,4 +1,4 @@
-"""Room names: ``organization.<id>`` and ``user.<user_id>`` (contract 4)."""
+"""Room names: ``organization.<id>`` and ``user.<user_id>`` (README, "Connecting from a browser")."""
 
 from __future__ import annotations
 

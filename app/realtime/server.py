@@ -46,6 +46,8 @@ RESERVED_EVENTS = frozenset(
 )
 #: most binary attachments one packet may announce
 MAX_ATTACHMENTS = 10
+#: seconds a disconnected client has to close its connection itself
+KICK_GRACE = 1.0
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -135,17 +137,17 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         super()._handle_eio_connect(eio_sid, environ)
         self._arm(eio_sid)
 
-    def _arm(self, eio_sid: str) -> None:
+    def _arm(self, eio_sid: str, delay: float | None = None) -> None:
         old = self._pending.pop(eio_sid, None)
         if old is not None:
             old.cancel()
-        self._pending[eio_sid] = self.timers.call_later(self.connect_timeout, self._admission_expired,
-                                                        eio_sid)
+        self._pending[eio_sid] = self.timers.call_later(
+            self.connect_timeout if delay is None else delay, self._admission_expired, eio_sid)
 
     def _admission_expired(self, eio_sid: str) -> None:
         self._pending.pop(eio_sid, None)
         if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None and eio_sid in self.eio.sockets:
-            client_log.info("closing an Engine.IO session not admitted within %.3g s", self.connect_timeout)
+            client_log.info("closing an Engine.IO session that is not admitted to the namespace")
             self.eio.disconnect(eio_sid)
 
     def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
@@ -154,6 +156,20 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
             pending.cancel()
         self._attachments.pop(eio_sid, None)
         super()._handle_eio_disconnect(eio_sid, reason)
+
+    def disconnect(self, sid: str, namespace: str | None = None, ignore_queue: bool = False) -> None:
+        """Disconnect a socket, and close its connection soon after (Node's ``disconnect(true)``).
+
+        python-socketio leaves the Engine.IO session open, which would then
+        only end at ORGCAST_CONNECT_TIMEOUT. Official clients close it
+        themselves on a server disconnect; ``KICK_GRACE`` seconds lets them
+        (python-socketio's polling client hangs when the close overtakes it),
+        then the server closes it for those that do not.
+        """
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace or NAMESPACE)
+        super().disconnect(sid, namespace=namespace, ignore_queue=ignore_queue)
+        if eio_sid is not None and eio_sid in self.eio.sockets:
+            self._arm(eio_sid, min(KICK_GRACE, self.connect_timeout))
 
     # --- packets
 
