@@ -91,3 +91,14 @@ def post_worker_init(worker):
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    # The bus listeners run in every worker (app/__init__.py: Runtime).
+    runtime = getattr(worker.wsgi, "runtime", None)
+    if runtime is not None:
+        runtime.start()
+
+
+def worker_exit(server, worker):
+    """Close the bus listeners' connections of a worker that stops."""
+    runtime = getattr(getattr(worker, "wsgi", None), "runtime", None)
+    if runtime is not None:
+        runtime.stop()

@@ -5,28 +5,58 @@ are inside the function on purpose: gunicorn imports ``app.serving`` (and so
 this package) in the master, before gevent patches the worker, and nothing
 heavy may be imported that early (see gunicorn's
 tests/workers/test_gevent_import_order.py).
+
+Nothing starts at import or in ``create_app``: the returned callable's
+``runtime.start()`` starts the bus listeners, and gunicorn's
+``post_worker_init`` hook calls it in each worker (``gunicorn.conf.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.config import Settings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+@dataclass
+class Runtime:
+    """What runs in a worker besides the requests: the bus listeners."""
+
+    starters: list[Callable[[], None]] = field(default_factory=list)
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
+    started: bool = False
+
+    def start(self) -> None:
+        """Start listening (once per worker)."""
+        if not self.started:
+            self.started = True
+            for start in self.starters:
+                start()
+
+    def stop(self) -> None:
+        """Stop listening and close the listeners' connections."""
+        for stop in self.stoppers:
+            stop()
+        self.started = False
 
 
 def create_app(settings: Settings | None = None) -> Any:
-    """Build the WSGI callable: Socket.IO beside Flask, wired to the database."""
+    """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
+    import socketio
     from flask import Flask
 
-    from app import bus
     from app.auth.checker import AuthChecker
     from app.auth.store import AuthStore
+    from app.bus.postgres import PostgresBus
     from app.config import ConfigError, load_settings
     from app.db import Database
     from app.http import Services, register
+    from app.publish.pg_notify import PostgresSource
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
@@ -43,22 +73,48 @@ def create_app(settings: Settings | None = None) -> Any:
     checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
                           cache_ttl=settings.auth_cache_ttl)
 
-    sio = build_server(settings, bus.make_client_manager(settings), Timers())
+    sio = build_server(settings, socketio.Manager(), Timers())
     sio.register_namespace(OrgcastNamespace(checker))
-    publisher = Publisher(Fanout(sio), on_user_disconnected=checker.forget_user)
+    fanout = Fanout(sio, on_forget=checker.forget_user)
+
+    # The bus: Redis with REDIS_URL, else Postgres. Postgres always hears the
+    # backends that publish in SQL (in the leader process).
+    prefix = settings.emitter_prefix
+    postgres = PostgresBus(db, settings.database_url, carries_bus=not settings.redis_url,
+                           source_channels=("orgcast", f"{prefix}#/"),
+                           attachments_table=settings.emitter_attachments_table)
+    bus: Any = postgres
+    probe_timeout = min(1.0, settings.db_timeout)
+    checks = {"database": lambda: db.ping(timeout=probe_timeout)}
+    if settings.redis_url:
+        from app.bus.redis import RedisBus, make_redis_probe
+        from app.publish.redis_emitter import RedisEmitterSource
+
+        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix)
+        checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
+    publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast)
+    postgres.on_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
+                                        postgres.fetch_attachment).handle
+    runtime = Runtime()
+    checks["bus"] = bus.probe
+    if settings.redis_url:
+        bus.on_source = RedisEmitterSource(publisher, prefix).handle
+        checks["sql_publishing"] = postgres.probe
+        runtime.starters.append(lambda: postgres.start(lambda message: None))
+        runtime.stoppers.append(postgres.stop)
+    runtime.starters.append(lambda: bus.start(fanout.handle))
+    runtime.stoppers.append(bus.stop)
 
     flask_app = Flask(__name__)
     flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_payload
     flask_app.json.sort_keys = False  # type: ignore[attr-defined]
-    probe_timeout = min(1.0, settings.db_timeout)
-    checks = {"database": lambda: db.ping(timeout=probe_timeout)}
-    if settings.redis_url:
-        checks["redis"] = bus.make_redis_probe(settings.redis_url, probe_timeout)
     register(flask_app, Services(settings=settings, publisher=publisher, checks=checks,
                                  version=__version__))
 
     wsgi = build_wsgi(sio, flask_app, settings)
-    # Handles for tests and operators; not part of the WSGI protocol.
+    # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
+    wsgi.runtime = runtime  # type: ignore[attr-defined]
     wsgi.flask_app = flask_app  # type: ignore[attr-defined]
     wsgi.sio = sio  # type: ignore[attr-defined]
+    wsgi.bus = bus  # type: ignore[attr-defined]
     return wsgi

@@ -182,6 +182,20 @@ def _timezone(raw: str) -> str | None:
     return value
 
 
+def _channel_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,60}", value):
+        raise ValueError("expected 1-60 characters of A-Z a-z 0-9 _ . : -")
+    return value
+
+
+def _table_name(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?", value):
+        raise ValueError("expected a table name, optionally schema.table")
+    return value
+
+
 def _path(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -221,6 +235,19 @@ class Settings:
         "`auto` (polling and websocket with one worker, websocket only with more) "
         "or a comma list of `polling`, `websocket`",
         _transports)
+    emitter_prefix: str = setting(
+        "ORGCAST_EMITTER_PREFIX", "socket.io",
+        "key prefix of the Socket.IO emitters' channels (Redis `<prefix>#/#`, Postgres `<prefix>#/`)",
+        _channel_prefix)
+    emitter_broadcast: bool = setting(
+        "ORGCAST_EMITTER_BROADCAST", "false",
+        "deliver an emitter's emit with no room to every socket (Node's \"everyone\"); off: logged and dropped",
+        _bool)
+    emitter_attachments_table: str = setting(
+        "ORGCAST_EMITTER_ATTACHMENTS_TABLE", "socket_io_attachments",
+        "table where `@socket.io/postgres-emitter` parks payloads over 8,000 bytes (read, and pruned after 30 s, "
+        "as Node's Postgres adapter did)",
+        _table_name)
     worker_connections: int = setting(
         "ORGCAST_WORKER_CONNECTIONS", "10000",
         "concurrent connections per worker before gunicorn queues new ones",

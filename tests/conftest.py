@@ -123,8 +123,10 @@ class Server:
         terminate(self.proc, 15)
 
 
-def start_gunicorn(env: dict[str, str], tmp_path: Path, timeout: float = 20.0) -> Server:
-    """Start gunicorn on a free port; wait until /healthz answers or fail with its output."""
+def start_gunicorn(env: dict[str, str], tmp_path: Path, timeout: float = 20.0,
+                   ready: bool = True) -> Server:
+    """Start gunicorn on a free port; wait until /readyz answers 200 (/healthz with
+    ``ready=False``), or fail with its output."""
     import requests
 
     port = free_port()
@@ -142,7 +144,8 @@ def start_gunicorn(env: dict[str, str], tmp_path: Path, timeout: float = 20.0) -
         wait_port(port, deadline, proc)
         while time.monotonic() < deadline:
             try:
-                if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(server.url + ("/readyz" if ready else "/healthz"),
+                                timeout=1).status_code == 200:
                     return server
             except requests.RequestException:
                 pass
@@ -160,8 +163,8 @@ def gunicorn_factory(tmp_path: Path) -> Iterator[Any]:
     """Start gunicorn processes with given environments; stop them after the test."""
     started: list[Server] = []
 
-    def factory(env: dict[str, str]) -> Server:
-        server = start_gunicorn(env, tmp_path)
+    def factory(env: dict[str, str], ready: bool = True) -> Server:
+        server = start_gunicorn(env, tmp_path, ready=ready)
         started.append(server)
         return server
 

@@ -1,46 +1,17 @@
-"""The bus that carries emits between workers and hosts.
+"""The bus that carries events and controls between every worker and host.
 
-Today one process delivers to its own sockets (python-socketio's in-memory
-manager). Cross-worker delivery plugs in here as a ``PubSubManager``
-(Postgres LISTEN/NOTIFY by default, Redis with ``REDIS_URL``) without
-touching the publish path.
+Two operations per backend, as python-socketio's ``_publish``/``_listen``
+and Centrifugo's broker have them: ``_publish(text)`` sends a message to
+every process, ``_listen()`` receives in this one until its connection is
+lost. ``base.Bus`` keeps the logic above them once: the reconnect loop with
+backoff, the state that ``/readyz`` reports and that refuses publishes while
+this process cannot hear the bus, and the decoding that no garbage survives.
+
+Backends: ``postgres.PostgresBus`` (LISTEN/NOTIFY, the default, needing
+nothing but the database) and ``redis.RedisBus`` (pub/sub, with
+``REDIS_URL``). Each also receives, in one process of the deployment at a
+time (the *leader*), what backends publish in the formats orgcast
+understands (``pg_notify``, the Socket.IO emitters), and hands it to a
+source handler: that process turns each message into one bus message, so
+every event is published once whatever its path.
 """
-
-from __future__ import annotations
-
-import logging
-import time
-from collections.abc import Callable
-
-import socketio
-
-from app.config import Settings
-from app.errors import Unavailable
-
-log = logging.getLogger(__name__)
-
-
-def make_client_manager(settings: Settings) -> socketio.Manager:
-    """Return the client manager the Socket.IO server should use."""
-    return socketio.Manager()
-
-
-def make_redis_probe(url: str, timeout: float) -> Callable[[], float]:
-    """Return a readiness probe that pings Redis and returns the latency in ms.
-
-    :raise Unavailable: (from the probe) Redis did not answer in time
-    """
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-
-    def probe() -> float:
-        started = time.monotonic()
-        try:
-            client.ping()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis error: %s", type(exc).__name__)
-            raise Unavailable("redis did not answer") from None
-        return (time.monotonic() - started) * 1000.0
-
-    return probe

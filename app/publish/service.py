@@ -1,20 +1,26 @@
 """Publisher: the one path every event takes, whatever its source.
 
-The HTTP API, pg_notify and the Redis emitter each decode their own format,
-then call ``publish``: validation and the emit live here, once. A service:
-it imports neither Flask nor Socket.IO; the fan-out comes in through the
-constructor.
+The HTTP API, ``pg_notify`` and the Socket.IO emitters each decode their
+own format, then call one method here: validation, encoding and the
+publish to the bus live here, once. The bus carries the publication to
+every worker and host, each of which delivers it to its own sockets.
+
+A service: it imports neither Flask, Socket.IO nor a driver; the bus comes
+in through the constructor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
+from app.bus.envelope import Kick, Message, Publication
 from app.errors import ApiError
-from app.realtime.rooms import is_valid_room, organization_room, user_room
+from app.realtime.rooms import USER_PREFIX, is_valid_room, organization_room, user_room
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +30,8 @@ RESERVED_EVENTS = frozenset(
 )
 
 
-class Fanout(Protocol):
-    def emit(self, room: str, event: str, data: Any) -> int: ...
-    def disconnect_room(self, room: str) -> int: ...
+class Bus(Protocol):
+    def publish(self, message: Message) -> None: ...
 
 
 def is_valid_event(event: Any) -> bool:
@@ -35,59 +40,164 @@ def is_valid_event(event: Any) -> bool:
             and event not in RESERVED_EVENTS)
 
 
+def encode_args(args: Sequence[Any]) -> str:
+    """Return the JSON text of Socket.IO event arguments ``[event, data, ...]``.
+
+    :raise ApiError: bad_request (not JSON: nested too deeply, NaN, bytes)
+    """
+    try:
+        return json.dumps(list(args), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise ApiError("bad_request", "The data cannot be sent as JSON.") from None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One validated event of a batch: its room and encoded arguments."""
+
+    room: str
+    args: str
+
+
 class Publisher:
-    """Validate, then deliver events and disconnects to rooms."""
+    """Validate, encode, then publish events and disconnects on the bus."""
 
-    def __init__(self, fanout: Fanout,
-                 on_user_disconnected: Callable[[str], None] | None = None) -> None:
-        self._fanout = fanout
-        self._on_user_disconnected = on_user_disconnected
+    def __init__(self, bus: Bus, *, broadcast_everyone: bool = False) -> None:
+        self._bus = bus
+        self._broadcast_everyone = broadcast_everyone
 
-    def publish(self, room: str, event: Any, data: Any, source: str) -> int:
-        """Deliver ``event`` to ``room``; return the local recipients.
+    # --- events
 
-        :raise ApiError: invalid_room, invalid_event
+    def prepare(self, room: Any, event: Any, data: Any) -> Event:
+        """Validate one event for one room and encode it.
+
+        :raise ApiError: invalid_room, invalid_event, bad_request
         """
         if not isinstance(room, str) or not is_valid_room(room):
             raise ApiError("invalid_room")
         if not is_valid_event(event):
             raise ApiError("invalid_event")
-        delivered = self._fanout.emit(room, event, data)
-        log.debug("%s: %r to %s (%d local sockets)", source, event, room, delivered)
-        return delivered
+        return Event(room, encode_args([event, data]))
 
-    def publish_to_organization(self, organization_id: str, event: Any, data: Any,
-                                source: str) -> str:
+    def publish(self, room: Any, event: Any, data: Any, source: str) -> None:
+        """Deliver ``event`` with ``data`` (one argument) to ``room`` everywhere.
+
+        :raise ApiError: invalid_room, invalid_event, bad_request
+        :raise Unavailable: the bus did not take it
+        """
+        self.send(self.prepare(room, event, data), source)
+
+    def send(self, event: Event, source: str) -> None:
+        """Publish an event that ``prepare`` validated.
+
+        :raise Unavailable: the bus did not take it
+        """
+        self._bus.publish(Publication((event.room,), event.args, source=source))
+        log.debug("%s: published to %s", source, event.room)
+
+    def publish_many(self, events: Iterable[Event], source: str) -> int:
+        """Publish events that were all validated first; return how many.
+
+        :raise Unavailable: the bus did not take one (those before it were sent)
+        """
+        count = 0
+        for event in events:
+            self.send(event, source)
+            count += 1
+        return count
+
+    def publish_to_organization(self, organization_id: str, event: Any, data: Any, source: str) -> str:
         """Deliver to ``organization.<id>``; return the room.
 
-        :raise ApiError: invalid_organization, invalid_event
+        :raise ApiError: invalid_organization, invalid_event, bad_request
+        :raise Unavailable: the bus did not take it
         """
-        if not is_valid_organization_id(organization_id):
-            raise ApiError("invalid_organization")
-        room = organization_room(organization_id)
+        room = self.organization_room(organization_id)
         self.publish(room, event, data, source)
         return room
 
     def publish_to_user(self, user_id: str, event: Any, data: Any, source: str) -> str:
         """Deliver to ``user.<user_id>``; return the room.
 
-        :raise ApiError: invalid_user, invalid_event
+        :raise ApiError: invalid_user, invalid_event, bad_request
+        :raise Unavailable: the bus did not take it
         """
-        if not is_valid_user_id(user_id):
-            raise ApiError("invalid_user")
-        room = user_room(user_id)
+        room = self.user_room(user_id)
         self.publish(room, event, data, source)
         return room
 
-    def disconnect_user(self, user_id: str, source: str) -> int:
-        """Disconnect every socket of the user; return how many were local.
+    def emit(self, rooms: Sequence[str], except_rooms: Sequence[str], args: Sequence[Any],
+             source: str) -> None:
+        """Deliver Socket.IO event arguments ``[event, ...]`` to the union of ``rooms``.
+
+        The emitters' form: several rooms (each socket gets the event once),
+        rooms to leave out, any number of arguments. Rooms that are not
+        orgcast rooms hold no socket and are dropped. No room at all means
+        every socket, and is delivered only when ORGCAST_EMITTER_BROADCAST
+        allows it.
+
+        :raise ApiError: invalid_event, bad_request, invalid_room (none of the
+            rooms is an orgcast room, or no room while broadcasts are off)
+        :raise Unavailable: the bus did not take it
+        """
+        if not args or not is_valid_event(args[0]):
+            raise ApiError("invalid_event")
+        valid = tuple(dict.fromkeys(r for r in rooms if is_valid_room(r)))
+        if rooms and not valid:
+            raise ApiError("invalid_room", f"no orgcast room among {len(rooms)} rooms")
+        if not rooms and not self._broadcast_everyone:
+            raise ApiError("invalid_room", "an emit to every socket (no room): set "
+                           "ORGCAST_EMITTER_BROADCAST=true to allow them")
+        excluded = tuple(dict.fromkeys(r for r in except_rooms if is_valid_room(r)))
+        self._bus.publish(Publication(valid, encode_args(args), excluded, source=source))
+
+    # --- disconnects
+
+    def disconnect_user(self, user_id: str, source: str) -> str:
+        """Disconnect every socket of the user everywhere, and forget its cached acceptances.
+
+        :raise ApiError: invalid_user
+        :raise Unavailable: the bus did not take it
+        """
+        room = self.user_room(user_id)
+        self._bus.publish(Kick((room,), forget=(user_id,)))
+        log.info("%s: disconnect user %s", source, user_id)
+        return room
+
+    def disconnect_rooms(self, rooms: Sequence[str], except_rooms: Sequence[str], source: str) -> None:
+        """Disconnect the sockets in ``rooms`` (minus ``except_rooms``) everywhere.
+
+        Users' rooms also drop those users' cached acceptances.
+
+        :raise ApiError: invalid_room (none of the rooms is an orgcast room)
+        :raise Unavailable: the bus did not take it
+        """
+        valid = tuple(dict.fromkeys(r for r in rooms if is_valid_room(r)))
+        if not valid:
+            raise ApiError("invalid_room", "no orgcast room to disconnect")
+        excluded = tuple(r for r in except_rooms if is_valid_room(r))
+        users = tuple(r[len(USER_PREFIX):] for r in valid if r.startswith(USER_PREFIX))
+        self._bus.publish(Kick(valid, excluded, users))
+        log.info("%s: disconnect the sockets of %d rooms", source, len(valid))
+
+    # --- ids
+
+    @staticmethod
+    def organization_room(organization_id: str) -> str:
+        """Return ``organization.<id>``.
+
+        :raise ApiError: invalid_organization
+        """
+        if not is_valid_organization_id(organization_id):
+            raise ApiError("invalid_organization")
+        return organization_room(organization_id)
+
+    @staticmethod
+    def user_room(user_id: str) -> str:
+        """Return ``user.<id>``.
 
         :raise ApiError: invalid_user
         """
         if not is_valid_user_id(user_id):
             raise ApiError("invalid_user")
-        if self._on_user_disconnected is not None:
-            self._on_user_disconnected(user_id)
-        count = self._fanout.disconnect_room(user_room(user_id))
-        log.info("%s: disconnected user %s (%d local sockets)", source, user_id, count)
-        return count
+        return user_room(user_id)

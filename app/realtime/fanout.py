@@ -1,44 +1,115 @@
-"""Publish -> bytes on sockets: the only place that writes events to sockets.
+"""Bus messages -> bytes on this process's sockets: the only place that writes events.
 
-Everything that delivers (the HTTP API, pg_notify, the Redis emitter) goes
-through ``Publisher``, which calls this module. A faster broadcast path
-replaces the body of ``emit`` without touching HTTP or auth code.
+Every worker's bus listener hands each message here. A publication's packet
+is encoded once and framed once; the same frame is written to every
+WebSocket recipient (server frames are not masked, so it is the same bytes
+for all), and the same packet object, encoded once, is queued for polling
+ones. Rooms are python-socketio's.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import socketio
+from engineio import packet as eio_packet
 
-NAMESPACE = "/"
+from app.bus.envelope import Kick, Message, Publication
+from app.realtime.server import NAMESPACE, SocketServer
+from app.realtime.websocket import encode_frame
+
+log = logging.getLogger(__name__)
 
 
 class Fanout:
-    """Deliver events to the sockets in a room of this process's server."""
+    """Deliver publications and kicks to the sockets of this process."""
 
-    def __init__(self, sio: socketio.Server) -> None:
+    def __init__(self, sio: SocketServer, on_forget: Callable[[str], None] | None = None) -> None:
         self._sio = sio
+        self._on_forget = on_forget
+        self.delivered = 0
 
-    def emit(self, room: str, event: str, data: Any) -> int:
-        """Send ``event`` with ``data`` to every socket in ``room``; return how many."""
-        # python-socketio encodes the packet once and reuses it per recipient.
-        # A 1-tuple is "exactly one argument": given None, emit() would send
-        # ["news"] (no argument) where Node's Socket.IO sends ["news",null].
-        recipients = self.room_size(room)
-        if recipients:
-            self._sio.emit(event, (data,), to=room, namespace=NAMESPACE)
-        return recipients
+    def handle(self, message: Message) -> None:
+        """Act on one bus message."""
+        if isinstance(message, Publication):
+            self.deliver(message)
+        elif isinstance(message, Kick):
+            self.kick(message)
 
-    def disconnect_room(self, room: str) -> int:
-        """Disconnect every socket in ``room``; return how many."""
-        sids = [sid for sid, _ in self._sio.manager.get_participants(NAMESPACE, room)]
+    def deliver(self, publication: Publication) -> int:
+        """Write a publication to every local socket it is for; return how many."""
+        recipients = self._recipients(publication.rooms, publication.except_rooms)
+        if not recipients:
+            return 0
+        text = "2" + publication.args  # Socket.IO EVENT on "/": 2[event, ...args]
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
+        frame = encode_frame(("4" + text).encode())
+        sockets = self._sio.eio.sockets
+        count = 0
+        for eio_sid in recipients:
+            sock = sockets.get(eio_sid)
+            if sock is None or sock.closed:
+                continue
+            ws = sock.ws
+            if ws is not None and not sock.upgrading:
+                ws.send_frame_bytes(frame)
+            else:
+                sock.send(pkt)
+            count += 1
+        self.delivered += count
+        return count
+
+    def kick(self, kick: Kick) -> int:
+        """Disconnect the local sockets of a kick, and forget its users' acceptances."""
+        if self._on_forget is not None:
+            for user_id in kick.forget:
+                self._on_forget(user_id)
+        sids = self._sids(kick.rooms, kick.except_rooms)
         for sid in sids:
             self._sio.disconnect(sid, namespace=NAMESPACE)
+        if sids:
+            log.info("disconnected %d local sockets", len(sids))
         return len(sids)
 
     def room_size(self, room: str) -> int:
         """Return how many sockets of this process are in ``room``."""
-        rooms = self._sio.manager.rooms.get(NAMESPACE, {})
-        members = rooms.get(room)
+        members = self._sio.manager.rooms.get(NAMESPACE, {}).get(room)
         return len(members) if members else 0
+
+    # --- rooms
+
+    def _recipients(self, rooms: tuple[str, ...], except_rooms: tuple[str, ...]) -> Iterable[str]:
+        """Engine.IO session ids of the sockets in any of ``rooms``, none of ``except_rooms``, once each."""
+        namespace: dict[Any, Any] = self._sio.manager.rooms.get(NAMESPACE, {})
+        if not rooms:
+            # Every admitted socket (the emitters' "everyone", when allowed).
+            everyone = namespace.get(None, {})
+            members: Iterable[tuple[str, str]] = [
+                (sid, eio) for sid, eio in everyone.items() if self._sio.manager.is_connected(sid, NAMESPACE)]
+            return self._exclude(dict(members), namespace, except_rooms)
+        if len(rooms) == 1 and not except_rooms:
+            only = namespace.get(rooms[0])
+            # A snapshot: a write that fails disconnects, which edits the room.
+            return list(only.values()) if only else []
+        chosen: dict[str, str] = {}
+        for room in rooms:
+            chosen.update(namespace.get(room, {}))
+        return self._exclude(chosen, namespace, except_rooms)
+
+    @staticmethod
+    def _exclude(chosen: dict[str, str], namespace: dict[Any, Any], except_rooms: tuple[str, ...]) -> list[str]:
+        for room in except_rooms:
+            for sid in namespace.get(room, ()):
+                chosen.pop(sid, None)
+        return list(chosen.values())
+
+    def _sids(self, rooms: tuple[str, ...], except_rooms: tuple[str, ...]) -> list[str]:
+        namespace: dict[Any, Any] = self._sio.manager.rooms.get(NAMESPACE, {})
+        chosen: dict[str, str] = {}
+        for room in rooms:
+            chosen.update(namespace.get(room, {}))
+        for room in except_rooms:
+            for sid in namespace.get(room, ()):
+                chosen.pop(sid, None)
+        return list(chosen)

@@ -1,0 +1,135 @@
+"""The bus base class: the logic above each backend's _publish / _listen (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from app.bus import envelope
+from app.bus.envelope import Message
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+#: messages that arrive in the format a backend understands: (channel, payload)
+SourceHandler = Callable[[str, Any], None]
+
+IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
+
+
+class Bus:
+    """Publish to every process; listen in this one, reconnecting for ever."""
+
+    name = "bus"
+    #: seconds between reconnection attempts: doubles from the first to the last
+    backoff = (0.1, 5.0)
+
+    def __init__(self) -> None:
+        self._handler: Callable[[Message], None] | None = None
+        self._runner: gevent.Greenlet | None = None
+        #: idle (not started in this process), connecting, up, down
+        self.state = IDLE
+        self.leader = False
+        self.reconnects = 0
+        self.received = 0
+        self.dropped = 0
+        self.last_message_at: float | None = None
+
+    # --- publishing
+
+    def publish(self, message: Message) -> None:
+        """Send a message to every process of the deployment.
+
+        :raise Unavailable: this process cannot hear the bus, or the bus did not take it
+        """
+        if self.state in (CONNECTING, DOWN):
+            raise Unavailable(f"the {self.name} bus is not connected; retry")
+        self._publish(envelope.encode(message))
+
+    def _publish(self, text: str) -> None:
+        raise NotImplementedError
+
+    # --- listening
+
+    def start(self, handler: Callable[[Message], None]) -> None:
+        """Listen in this process, handing each message to ``handler``."""
+        self._handler = handler
+        self.state = CONNECTING
+        self._runner = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop listening and close the connections."""
+        if self._runner is not None:
+            self._runner.kill(block=False)
+            self._runner = None
+        self._close()
+        self.state = IDLE
+
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            started = time.monotonic()
+            try:
+                self._listen()
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # every failure of a connection: log it, reconnect
+                log.warning("%s bus connection lost: %s", self.name, _describe(exc))
+            self.state = DOWN
+            self.leader = False
+            self.reconnects += 1
+            self._close()
+            if time.monotonic() - started > 10:
+                delay = self.backoff[0]  # it had been up a while: start over
+            gevent.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff[1])
+
+    def _listen(self) -> None:
+        """Connect, subscribe (set ``state = UP``), and hand messages on until the connection is lost."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Close the listening connection, if any."""
+
+    def _received(self, text: str | bytes) -> None:
+        """Decode one bus message and hand it on; garbage is counted and dropped."""
+        self.received += 1
+        self.last_message_at = time.time()
+        try:
+            message = envelope.decode(text)
+        except ValueError as exc:
+            self.dropped += 1
+            log.warning("dropped a message on the %s bus: %s", self.name, exc)
+            return
+        if self._handler is not None:
+            try:
+                self._handler(message)
+            except Exception:
+                self.dropped += 1
+                log.exception("handling a %s bus message failed", self.name)
+
+    # --- readiness
+
+    def probe(self) -> float:
+        """Return how long ago a message or a keepalive arrived, in ms (readiness).
+
+        :raise Unavailable: the bus is not connected in this process
+        """
+        if self.state in (CONNECTING, DOWN):
+            raise Unavailable(f"the {self.name} bus is {self.state}")
+        return 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """What an operator wants to know of this process's bus."""
+        return {"backend": self.name, "state": self.state, "leader": self.leader,
+                "reconnects": self.reconnects, "received": self.received, "dropped": self.dropped}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

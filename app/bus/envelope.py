@@ -1,0 +1,102 @@
+"""orgcast's own bus messages, and their one wire form (JSON text).
+
+Why not python-socketio's ``PubSubManager``: its listener hands what other
+workers publish to ``Manager.emit``, which bypasses ``realtime/fanout.py``
+(the only place that writes events to sockets, and the fast one), and its
+message set is closed to python-socketio's own calls. orgcast's bus carries
+these messages instead, and every worker's listener hands each one to the
+local delivery:
+
+- ``Publication``: an event for the sockets in ``rooms`` (none: every
+  socket, behind ``ORGCAST_EMITTER_BROADCAST``), minus those in
+  ``except_rooms``. ``args`` is the JSON text of the Socket.IO event
+  arguments, ``[event, data, ...]``, encoded once by the publisher so that
+  no worker encodes it again; ``offset`` is the room position that
+  recovery of missed events uses.
+- ``Kick``: disconnect the sockets in ``rooms`` (minus ``except_rooms``),
+  and forget the cached acceptances of the users ``forget`` on every worker.
+
+JSON only: whoever can publish on the bus can send events to rooms, never
+run code, and never put a socket in a room.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Publication:
+    """An event for the sockets in some rooms."""
+
+    rooms: tuple[str, ...]
+    args: str
+    except_rooms: tuple[str, ...] = ()
+    offset: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Kick:
+    """Disconnect the sockets in some rooms; forget a user's cached acceptances."""
+
+    rooms: tuple[str, ...]
+    except_rooms: tuple[str, ...] = ()
+    forget: tuple[str, ...] = ()
+
+
+Message = Publication | Kick
+
+VERSION = 1
+
+
+def encode(message: Message) -> str:
+    """Return the JSON text of a bus message."""
+    body: dict[str, Any]
+    if isinstance(message, Publication):
+        body = {"v": VERSION, "k": "pub", "rooms": list(message.rooms), "args": message.args}
+        if message.except_rooms:
+            body["except"] = list(message.except_rooms)
+        if message.offset is not None:
+            body["offset"] = message.offset
+        if message.source:
+            body["src"] = message.source
+    else:
+        body = {"v": VERSION, "k": "kick", "rooms": list(message.rooms)}
+        if message.except_rooms:
+            body["except"] = list(message.except_rooms)
+        if message.forget:
+            body["forget"] = list(message.forget)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of strings")
+    return tuple(value)
+
+
+def decode(text: str | bytes) -> Message:
+    """Parse a bus message.
+
+    :raise ValueError: not JSON, or not a message of this version
+    """
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(body, dict) or body.get("v") != VERSION:
+        raise ValueError("not an orgcast bus message")
+    kind = body.get("k")
+    rooms = _strings(body.get("rooms"), "rooms")
+    except_rooms = _strings(body.get("except", []), "except")
+    if kind == "pub":
+        args, offset = body.get("args"), body.get("offset")
+        if not isinstance(args, str) or not (offset is None or isinstance(offset, str)):
+            raise ValueError("args must be a string, offset a string")
+        return Publication(rooms, args, except_rooms, offset, str(body.get("src", "")))
+    if kind == "kick":
+        return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
+    raise ValueError(f"unknown message kind {kind!r}")

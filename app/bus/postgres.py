@@ -1,0 +1,231 @@
+"""The Postgres bus: NOTIFY to publish, one LISTEN connection per worker to hear.
+
+Messages of 7,900 bytes or more (NOTIFY refuses 8,000) are parked in
+``orgcast.bus_messages``, a table of orgcast's own schema that orgcast
+creates, and their id is notified instead; every worker reads the row, and
+the leader deletes rows older than a minute.
+
+The same connection takes part in electing the *leader*: the one process of
+the deployment holding a session advisory lock, which listens to the
+channels backends publish on (``orgcast`` for ``pg_notify``, and the
+``@socket.io/postgres-emitter`` channel) and hands each notification to the
+source handler. The lock goes with the connection: when the leader dies,
+another worker takes it within ``LEADER_RETRY`` seconds.
+
+A NOTIFY sent while nobody listens is not kept by Postgres: what is
+published while a listener reconnects is lost for that listener.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import gevent
+import psycopg2
+import psycopg2.extensions
+from gevent.socket import wait_read
+
+from app.bus.base import UP, Bus, SourceHandler
+from app.db import Database
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+BUS_CHANNEL = "orgcast_bus"
+#: NOTIFY refuses payloads of 8,000 bytes or more
+NOTIFY_LIMIT = 7900
+#: a key of pg_advisory_lock for the leader (any constant shared by all instances)
+LEADER_LOCK = 0x6F726763  # "orgc"
+LEADER_RETRY = 2.0
+#: seconds of silence after which the connection is checked with a query
+KEEPALIVE = 5.0
+CLEANUP_EVERY = 30.0
+PARKED_FOR = 60
+
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS orgcast;
+CREATE TABLE IF NOT EXISTS orgcast.bus_messages (
+    id         bigserial PRIMARY KEY,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    payload    text NOT NULL
+);
+"""
+
+
+class PostgresBus(Bus):
+    """LISTEN/NOTIFY between every worker of every instance sharing the database."""
+
+    name = "postgres"
+
+    def __init__(self, db: Database, dsn: str, *, carries_bus: bool = True,
+                 source_channels: tuple[str, ...] = (), on_source: SourceHandler | None = None,
+                 attachments_table: str | None = None) -> None:
+        super().__init__()
+        self._db = db
+        self._dsn = dsn
+        #: False when Redis carries the bus: this connection then only hears the sources
+        self.carries_bus = carries_bus
+        self._source_channels = source_channels
+        self.on_source = on_source
+        self._attachments_table = attachments_table
+        self._conn: Any = None
+        self._last_cleanup = 0.0
+        self.parking = True
+        if not carries_bus:
+            self.name = "postgres-sources"
+
+    # --- publishing
+
+    def _publish(self, text: str) -> None:
+        if len(text.encode()) < NOTIFY_LIMIT:
+            self._db.fetch_one("SELECT pg_notify(%(channel)s, %(payload)s)",
+                               {"channel": BUS_CHANNEL, "payload": text})
+            return
+        if not self.parking:
+            raise Unavailable("the message is too large for NOTIFY and orgcast.bus_messages is missing")
+        # One round trip: park the message and notify its id.
+        self._db.fetch_one(
+            "WITH parked AS (INSERT INTO orgcast.bus_messages (payload) VALUES (%(payload)s) RETURNING id) "
+            "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) "
+            "FROM parked", {"channel": BUS_CHANNEL, "payload": text})
+
+    def fetch_attachment(self, table: str, attachment_id: Any) -> bytes | None:
+        """Return the payload of a ``@socket.io/postgres-emitter`` attachment, or None.
+
+        :raise Unavailable: the database did not answer
+        """
+        row = self._db.fetch_one(f"SELECT payload FROM {_quote_table(table)} WHERE id = %(id)s",
+                                 {"id": str(attachment_id)})
+        return bytes(row[0]) if row is not None and row[0] is not None else None
+
+    # --- listening
+
+    def _listen(self) -> None:
+        self._conn = conn = psycopg2.connect(self._dsn, application_name="orgcast-listen",
+                                             connect_timeout=5, keepalives=1, keepalives_idle=10,
+                                             keepalives_interval=5, keepalives_count=3)
+        conn.autocommit = True
+        if self.carries_bus:
+            self._ensure_schema(conn)
+            self._execute(conn, f'LISTEN "{BUS_CHANNEL}"')
+        self.state = UP
+        log.info("%s bus listening", self.name)
+        next_leader_try = 0.0
+        while True:
+            now = time.monotonic()
+            if not self.leader and self._source_channels and now >= next_leader_try:
+                self._try_lead(conn)
+                next_leader_try = now + LEADER_RETRY
+            if self.leader and now - self._last_cleanup > CLEANUP_EVERY:
+                self._cleanup()
+            try:
+                wait_read(conn.fileno(), timeout=KEEPALIVE if self.leader or not self._source_channels
+                          else LEADER_RETRY)
+            except TimeoutError:
+                # Quiet: prove the connection is alive (a hung server never
+                # answers: the timeout raises, and _run reconnects).
+                with gevent.Timeout(KEEPALIVE, TimeoutError("no answer to a keepalive")):
+                    self._execute(conn, "SELECT 1")
+                continue
+            conn.poll()
+            while conn.notifies:
+                notify = conn.notifies.pop(0)
+                if notify.channel == BUS_CHANNEL:
+                    self._bus_payload(notify.payload)
+                elif self.on_source is not None:
+                    try:
+                        self.on_source(notify.channel, notify.payload)
+                    except Exception:
+                        self.dropped += 1
+                        log.exception("handling a notification on %s failed", notify.channel)
+
+    def _bus_payload(self, payload: str) -> None:
+        if '"parked"' in payload[:64]:
+            try:
+                parked_id = int(json.loads(payload)["id"])
+                row = self._db.fetch_one("SELECT payload FROM orgcast.bus_messages WHERE id = %(id)s",
+                                         {"id": parked_id})
+            except (ValueError, KeyError, TypeError, Unavailable) as exc:
+                self.dropped += 1
+                log.warning("could not read a parked bus message: %s", exc)
+                return
+            if row is None:
+                self.dropped += 1
+                log.warning("parked bus message %d is gone", parked_id)
+                return
+            payload = row[0]
+        self._received(payload)
+
+    def _try_lead(self, conn: Any) -> None:
+        with gevent.Timeout(KEEPALIVE, TimeoutError("no answer to the leader lock")):
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+                got = bool(cur.fetchone()[0])
+        if got:
+            for channel in self._source_channels:
+                self._execute(conn, f"LISTEN {_quote_ident(channel)}")
+            self.leader = True
+            log.info("this worker is the leader: it hears %s", ", ".join(self._source_channels))
+
+    def _ensure_schema(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('orgcast.bus_messages') IS NOT NULL")
+            if cur.fetchone()[0]:
+                self.parking = True
+                return
+            try:
+                conn.autocommit = False
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEADER_LOCK + 1,))
+                cur.execute(SCHEMA_SQL)
+                conn.commit()
+                self.parking = True
+                log.info("created orgcast.bus_messages for bus messages over %d bytes", NOTIFY_LIMIT)
+            except psycopg2.Error as exc:
+                conn.rollback()
+                self.parking = False
+                log.error("cannot create orgcast.bus_messages (%s): bus messages over %d bytes will be "
+                          "refused; grant CREATE on the database or create it (README)",
+                          str(exc).strip().splitlines()[0], NOTIFY_LIMIT)
+            finally:
+                conn.autocommit = True
+
+    def _cleanup(self) -> None:
+        self._last_cleanup = time.monotonic()
+        try:
+            if self.carries_bus and self.parking:
+                self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
+                                   f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
+                                   {})
+            if self._attachments_table:
+                # What the Node Postgres adapter did for its emitters' attachments.
+                self._db.fetch_one(
+                    f"WITH gone AS (DELETE FROM {_quote_table(self._attachments_table)} WHERE created_at < "
+                    f"now() - interval '{int(CLEANUP_EVERY)} seconds' RETURNING 1) SELECT count(*) FROM gone", {})
+        except Unavailable as exc:
+            log.debug("cleanup skipped: %s", exc.message)
+
+    @staticmethod
+    def _execute(conn: Any, sql: str) -> None:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass  # already broken
+
+
+def _quote_ident(name: str) -> str:
+    """Quote a channel name for SQL (names come from settings, never from clients)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_table(name: str) -> str:
+    """Quote a table name, ``schema.table`` or ``table``."""
+    return ".".join(_quote_ident(part) for part in name.split(".", 1))
