@@ -11,13 +11,16 @@ NPM_DIR := .cache/npm
 CLIENT_JS := $(NPM_DIR)/node_modules/socket.io-client/dist/socket.io.min.js
 # Exact version of the browser client fetched for the demo page and the JS tests.
 SOCKETIO_CLIENT_VERSION := 4.8.1
+# The Node.js emitters existing backends use, run by the tests (not by orgcast).
+NPM_TEST_PKGS := @socket.io/redis-emitter@5.1.0 redis@4.7.0 @socket.io/postgres-emitter@0.1.1 pg@8.13.2
+NPM_TEST_STAMP := $(NPM_DIR)/.test-packages-stamp
 
 .PHONY: run test lint typecheck pytest system-deps test-deps apt-missing venv clean bench
 
 run: system-deps venv $(CLIENT_JS)
 	$(BIN)/python scripts/devrun.py --client-js $(CLIENT_JS)
 
-test: test-deps venv $(CLIENT_JS) lint typecheck pytest
+test: test-deps venv $(CLIENT_JS) $(NPM_TEST_STAMP) lint typecheck pytest
 
 venv: $(STAMP)
 
@@ -57,10 +60,13 @@ apt-missing:
 	  fi
 
 # The official socket.io browser client, from the npm registry (not committed).
-$(CLIENT_JS):
+# One npm install for all of them: npm prunes what an earlier --no-save put there.
+$(CLIENT_JS) $(NPM_TEST_STAMP):
 	mkdir -p $(NPM_DIR)
-	cd $(NPM_DIR) && npm install --silent --no-audit --no-fund --no-save socket.io-client@$(SOCKETIO_CLIENT_VERSION) >/dev/null
-	test -f $@
+	cd $(NPM_DIR) && npm install --silent --no-audit --no-fund --no-save \
+	  socket.io-client@$(SOCKETIO_CLIENT_VERSION) $(NPM_TEST_PKGS) >/dev/null
+	test -f $(CLIENT_JS)
+	touch $(NPM_TEST_STAMP)
 
 lint: venv
 	$(BIN)/ruff check app tests scripts bench wsgi.py gunicorn.conf.py

@@ -48,12 +48,12 @@ def replace_once(text: str, pattern: str, replacement: str) -> str:
     return new
 
 
-def nginx_conf(tmp: Path, port: int, upstream_port: int) -> str:
+def nginx_conf(tmp: Path, port: int, upstream_ports: list[int]) -> str:
     """A complete nginx.conf around README's block, all paths under ``tmp``."""
     block = readme_nginx_block()
     block = replace_once(block, r"^(\s*)listen\s+443\s+ssl;", rf"\g<1>listen 127.0.0.1:{port};")
-    block = replace_once(block, r"^(\s*)server\s+127\.0\.0\.1:8000;",
-                         rf"\g<1>server 127.0.0.1:{upstream_port};")
+    servers = " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports)
+    block = replace_once(block, r"^(\s*)server\s+127\.0\.0\.1:8000;", rf"\g<1>{servers}")
     # The path only: the format name stays README's.
     block = replace_once(block, r"^(\s*access_log\s+)/\S+", rf"\g<1>{tmp}/access.log")
     temp_paths = "\n".join(f"    {kind}_temp_path {tmp}/{kind}_temp;"
@@ -106,12 +106,13 @@ class Nginx:
         terminate(self.proc, 10, signal.SIGQUIT)
 
 
-def start_nginx(tmp: Path, upstream_port: int, timeout: float = 10.0) -> Nginx:
+def start_nginx(tmp: Path, upstream_port: int | list[int], timeout: float = 10.0) -> Nginx:
     assert Path(NGINX).exists(), "nginx is required (Debian package nginx; make test installs it)"
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(nginx_conf(tmp, port, upstream_port))
+    ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+    conf.write_text(nginx_conf(tmp, port, ports))
     checked = subprocess.run([NGINX, "-t", "-q", "-c", str(conf), "-p", f"{tmp}/"],
                              capture_output=True, text=True, timeout=timeout)
     assert checked.returncode == 0, f"nginx -t refused README's block:\n{checked.stderr}"
@@ -286,3 +287,34 @@ def test_large_event_through_nginx(behind_nginx: tuple[Server, Nginx], listen: A
     assert reply.status_code == 202, (reply.status_code, reply.text[:500], nginx.error_log())
     for listener in listeners:
         assert listener.wait_for("news") == value
+
+
+def test_two_instances_of_two_workers_behind_nginx_deliver_exactly_once(
+        postgres: ThrowawayPostgres, tmp_path: Path, listen: Any) -> None:
+    """The README's deployment for websocket clients: several instances, no
+    affinity, the Postgres bus between them; events published to either."""
+    from cluster import Cluster
+    from conftest import start_gunicorn
+
+    env = {**base_env(postgres), "WEB_CONCURRENCY": "2", "ORGCAST_LOG_LEVEL": "debug"}
+    servers = [start_gunicorn(env, tmp_path) for _ in range(2)]
+    nginx = start_nginx(tmp_path / "nginx", [s.port for s in servers])
+    try:
+        cluster = Cluster(servers, [2, 2])
+        cluster.wait_listening()
+        # Clients connect through nginx (round robin): keep connecting until
+        # each of the four workers holds one of them.
+        sockets = [listener for listener, _, _ in cluster.spread(
+            listen, {"token": "tok-bob", "organizationId": "org-a"}, via=nginx.url)]
+        values = [unique("behind-nginx") for _ in range(4)]
+        for value, server in zip(values, servers * 2, strict=True):
+            assert publish_via(server.url, "org-a", value).status_code == 202
+        marker = unique("marker")
+        assert requests.post(f"{nginx.url}/api/v1/organizations/org-a/events", json={"event": "marker", "data": marker},
+                             headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).status_code == 202
+        for listener in sockets:
+            assert listener.events_before("marker", marker, timeout=10) == [("news", v) for v in values]
+    finally:
+        nginx.stop()
+        for server in servers:
+            server.stop()

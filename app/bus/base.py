@@ -72,6 +72,7 @@ class Bus:
 
     def _run(self) -> None:
         delay = self.backoff[0]
+        failures = 0
         while True:
             started = time.monotonic()
             try:
@@ -79,7 +80,12 @@ class Bus:
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # every failure of a connection: log it, reconnect
-                log.warning("%s bus connection lost: %s", self.name, _describe(exc))
+                if self.state == UP or failures == 0:
+                    log.warning("%s bus connection lost: %s; reconnecting", self.name, _describe(exc))
+                    failures = 0
+                else:
+                    log.debug("%s bus still down: %s", self.name, _describe(exc))
+                failures += 1
             self.state = DOWN
             self.leader = False
             self.reconnects += 1

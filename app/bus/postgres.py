@@ -199,7 +199,8 @@ class PostgresBus(Bus):
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
                                    f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
                                    {})
-            if self._attachments_table:
+            if self._attachments_table and self._db.fetch_one(
+                    "SELECT 1 WHERE to_regclass(%(table)s) IS NOT NULL", {"table": self._attachments_table}):
                 # What the Node Postgres adapter did for its emitters' attachments.
                 self._db.fetch_one(
                     f"WITH gone AS (DELETE FROM {_quote_table(self._attachments_table)} WHERE created_at < "

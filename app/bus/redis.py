@@ -61,10 +61,10 @@ class RedisBus(Bus):
     def _listen(self) -> None:
         listener = redis.Redis.from_url(self._url, socket_timeout=None, socket_connect_timeout=self._timeout,
                                         health_check_interval=5)
-        self._pubsub = pubsub = listener.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub = pubsub = listener.pubsub()  # type: ignore[no-untyped-call]
         pubsub.subscribe(BUS_CHANNEL)
         # The subscription is only sure once Redis confirms it.
-        confirmed = pubsub.get_message(timeout=self._timeout, ignore_subscribe_messages=False)
+        confirmed = pubsub.get_message(timeout=self._timeout)
         if not confirmed or confirmed.get("type") != "subscribe":
             raise ConnectionError("redis did not confirm the subscription")
         self.state = UP

@@ -48,7 +48,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self.principals[sid] = principal
         self.enter_room(sid, organization_room(principal.organization_id))
         self.enter_room(sid, user_room(principal.user_id))
-        log.debug("admitted user %s to organization %s", principal.user_id,
+        log.debug("admitted socket %s: user %s, organization %s", sid, principal.user_id,
                   principal.organization_id)
 
     def on_disconnect(self, sid: str, reason: Any = None) -> None:
