@@ -47,7 +47,6 @@ class Runtime:
 
 def create_app(settings: Settings | None = None) -> Any:
     """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
-    import socketio
     from flask import Flask
 
     from app.auth.checker import AuthChecker
@@ -60,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
-    from app.realtime.server import build_server, build_wsgi
+    from app.realtime.server import RoomsManager, build_server, build_wsgi
     from app.realtime.timers import Timers
 
     if settings is None:
@@ -73,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Any:
     checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
                           cache_ttl=settings.auth_cache_ttl)
 
-    sio = build_server(settings, socketio.Manager(), Timers())
+    sio = build_server(settings, RoomsManager(), Timers())
     sio.register_namespace(OrgcastNamespace(checker))
     fanout = Fanout(sio, on_forget=checker.forget_user)
 

@@ -33,16 +33,15 @@ from typing import Any
 
 import gevent
 from gevent import pywsgi
-from geventwebsocket.websocket import Stream
 from gunicorn.glogging import Logger
-from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIHandler
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIHandler, PyWSGIServer
 
 from app.config import load_settings
 from app.errors import http_error
 from app.log import make_formatter, redact, setup_logging
 from app.realtime.websocket import (
     ACCEPT_KEY,
-    BoundedWebSocket,
+    WebSocket,
     accept_headers,
     handshake_problem,
     is_upgrade_request,
@@ -50,10 +49,15 @@ from app.realtime.websocket import (
 
 log = logging.getLogger("app.serving")
 
+#: what gunicorn's access log reads of a request that became a WebSocket
+_ACCESS_LOG_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "REQUEST_METHOD", "RAW_URI", "PATH_INFO", "QUERY_STRING",
+                    "SERVER_PROTOCOL", "HTTP_USER_AGENT", "HTTP_REFERER", "HTTP_X_FORWARDED_FOR", "wsgi.url_scheme")
+
 
 class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
     """gunicorn's pywsgi handler with bounded waits, lazy WebSocket upgrades and redacted logs."""
 
+    socket: Any
     #: set from ORGCAST_HEADER_TIMEOUT when the worker starts
     header_timeout: float = 30.0
     #: set from ORGCAST_BODY_TIMEOUT when the worker starts
@@ -135,7 +139,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         # upgrades through ACCEPT_KEY when it accepts the session).
         return pywsgi.WSGIHandler.run_application(self)
 
-    def _accept_websocket(self) -> BoundedWebSocket:
+    def _accept_websocket(self) -> WebSocket:
         """Answer 101 now and return the WebSocket (called by Engine.IO)."""
         self.close_connection = True
         self.start_response("101 Switching Protocols", accept_headers(self.environ))
@@ -144,8 +148,23 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         self.provided_date = True
         self.response_use_chunked = False
         self.write(b"")  # send the headers
-        self.environ.pop(ACCEPT_KEY, None)
-        return BoundedWebSocket(self.environ, Stream(self), self)
+        # A WebSocket lives for hours: keep of the request only what its
+        # access-log line needs. The environ is cleared in place, since the
+        # frames of the WSGI call below hold it too; the request's buffered
+        # reader (and its 8 KiB buffer) goes: frames are read from the socket.
+        kept = {key: self.environ[key] for key in _ACCESS_LOG_KEYS if key in self.environ}
+        self.environ.clear()
+        self.environ.update(kept)
+        self.headers: Any = {}
+        self.response_headers: list[Any] = []
+        self.rfile.close()
+        return WebSocket(self.socket, owner=self)
+
+    def hand_over(self, sock: Any) -> Any:
+        """Let go of a WebSocket's socket (its watcher reads it now); return what frees its slot."""
+        self.socket = None  # pywsgi closes the connection of a finished request otherwise
+        release: Any = self.server.adopt_socket(sock)
+        return release
 
     def _answer_json(self, status: int, code: str, message: str) -> None:
         line, body = http_error(status, code, message)
@@ -208,16 +227,54 @@ def _print_exception(context: Any, type_: Any, value: Any, tb: Any) -> None:
                                             exc_info=(type_, value, tb))
 
 
+class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
+    """gunicorn's pywsgi server, counting the WebSockets its handlers handed over.
+
+    A WebSocket outlives its request's greenlet (``realtime/websocket.py``:
+    ``adopt``): the server must not close its socket when the request ends,
+    and must still count it against ``worker_connections``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.adopted = 0
+        self._handed_over: set[int] = set()
+        if self.pool is not None:
+            # set_spawn() made pool.full the server's full(): count ours too.
+            self.full = self._full
+
+    def _full(self) -> bool:
+        return bool(self.pool.free_count() - self.adopted <= 0)
+
+    def adopt_socket(self, sock: Any) -> Any:
+        """Count ``sock`` as a connection until the returned callable is called."""
+        self.adopted += 1
+        self._handed_over.add(id(sock))
+
+        def release() -> None:
+            self.adopted -= 1
+            self._start_accepting_if_started()
+
+        return release
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        if id(sock) in self._handed_over:
+            self._handed_over.discard(id(sock))
+            return  # its WebSocket closes it
+        super().do_close(sock, *args)
+
+
 class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent pywsgi worker speaking WebSocket through OrgcastHandler."""
 
     wsgi_handler = OrgcastHandler
+    server_class = OrgcastServer
 
     def init_process(self) -> None:
         # gunicorn.conf.py validated the settings before any worker started.
         settings = load_settings()
-        BoundedWebSocket.max_message = settings.max_payload
-        BoundedWebSocket.max_buffer = settings.send_buffer
+        WebSocket.max_message = settings.max_payload
+        WebSocket.max_buffer = settings.send_buffer
         OrgcastHandler.header_timeout = settings.header_timeout
         OrgcastHandler.body_timeout = settings.body_timeout
         super().init_process()

@@ -26,6 +26,9 @@ and the README's "Limits that protect the process" found wrong or lenient:
   connection.
 - The OPEN packet announces ``pingInterval`` in milliseconds without
   truncating fractions of a second (python-engineio sent ``int(0.3) * 1000``).
+- Pings and ping timeouts are entries in the process's one timer heap
+  (``realtime/timers.py``), not a sleeping greenlet per session plus a
+  service task that walks every session.
 """
 
 from __future__ import annotations
@@ -34,17 +37,21 @@ import base64
 import binascii
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
 import engineio
+import gevent
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio import socket as eio_socket
 
 from app.errors import http_error
-from app.realtime.websocket import ACCEPT_KEY, BoundedWebSocket, encode_frame
+from app.realtime.timers import Timers
+from app.realtime.websocket import ACCEPT_KEY, WebSocket, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +103,57 @@ def decode_payload(body: str) -> list[eio_packet.Packet]:
     return packets
 
 
+class _NoQueue:
+    """The queue of a session that writes to its WebSocket directly: takes nothing."""
+
+    def put(self, item: Any) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        raise eio_exceptions.QueueEmpty()
+
+    def task_done(self) -> None:
+        pass
+
+
+NO_QUEUE = _NoQueue()
+
+
 class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
     """One Engine.IO session: polling as python-engineio does it, websocket our way."""
 
     def __init__(self, server: EngineServer, sid: str) -> None:
         super().__init__(server, sid)
         #: the WebSocket once the session has one; sends then bypass the queue
-        self.ws: BoundedWebSocket | None = None
+        self.ws: WebSocket | None = None
         self.polling_now = False
+        self._ping_seq = 0
+        self._pending: deque[tuple[Any, tuple[Any, ...]]] | None = None
+        self._runner: gevent.Greenlet | None = None
+
+    # --- heartbeat
+
+    def schedule_ping(self) -> None:
+        """Ping in ``ping_interval`` seconds (python-engineio: after each pong)."""
+        if self.last_ping:  # type: ignore[has-type]
+            self.last_ping = None
+            self.server.timers.call_later(self.server.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        if self.closing or self.closed:
+            return
+        self._ping_seq += 1
+        self.last_ping = time.time()  # type: ignore[assignment]
+        self.send(eio_packet.Packet(eio_packet.PING))
+        self.server.timers.call_later(self.server.ping_timeout, self._pong_overdue, self._ping_seq)
+
+    def _pong_overdue(self, seq: int) -> None:
+        if seq == self._ping_seq and self.last_ping and not (self.closing or self.closed):
+            log.debug("%s: no pong within the ping timeout, closing", self.sid)
+            self.close(wait=False, abort=False, reason=self.server.reason.PING_TIMEOUT)
 
     # --- sending
 
@@ -180,6 +230,8 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         super().close(wait=wait and self.ws is None, abort=abort, reason=reason)
         if self.ws is not None:
             self.ws.close()
+        if self.server.sockets.get(self.sid) is self:
+            del self.server.sockets[self.sid]
 
     # --- websocket
 
@@ -187,11 +239,11 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         accept = environ.get(ACCEPT_KEY)
         if accept is None or self.upgraded:
             return self.server._bad_request("This request cannot become a WebSocket.")
-        ws: BoundedWebSocket = accept()
+        ws: WebSocket = accept()
         self._run_websocket(ws)
         return []
 
-    def _run_websocket(self, ws: BoundedWebSocket) -> None:
+    def _run_websocket(self, ws: WebSocket) -> None:
         if self.connected:  # type: ignore[has-type]
             # An upgrade from polling: probe, then UPGRADE (Engine.IO 4 "upgrade").
             self.upgrading = True
@@ -199,7 +251,8 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
                 if not self._expect(ws, eio_packet.PING, "probe"):
                     return
                 ws.send("3probe")
-                self.queue.put(eio_packet.Packet(eio_packet.NOOP))  # ends the pending GET
+                # ends the pending GET
+                self.queue.put(eio_packet.Packet(eio_packet.NOOP))  # type: ignore[has-type]
                 if not self._expect(ws, eio_packet.UPGRADE, ""):
                     return
             finally:
@@ -210,19 +263,59 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         self.ws = ws
         ws.on_close = self._ws_closed
         self._drain_queue_to(ws)
+        # Nothing is queued for a WebSocket session any more (a gevent
+        # JoinableQueue is 3.7 KiB an idle socket would keep).
+        self.queue = NO_QUEUE
+        if ws.adopt(self._ws_message):
+            return  # this request's greenlet ends; the socket's watcher reads from now on
         while not self.closed:
             message = ws.receive()
             if message is None:
                 break
-            try:
-                self.receive(decode_packet(message))
-            except ProtocolViolation as exc:
-                log.info("closing Engine.IO session: %s", exc)
-                self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
-                break
+            self._handle_ws_message(message)
         self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
 
-    def _expect(self, ws: BoundedWebSocket, kind: int, data: str) -> bool:
+    def _ws_message(self, message: Any) -> None:
+        """A message from the WebSocket, in the hub: a pong here, the rest in order in a greenlet."""
+        if message == "3":
+            self.receive(eio_packet.Packet(eio_packet.PONG))
+        else:
+            self._later(self._handle_ws_message, message)
+
+    def _handle_ws_message(self, message: Any) -> None:
+        if self.closed:
+            return
+        try:
+            self.receive(decode_packet(message))
+        except ProtocolViolation as exc:
+            log.info("closing Engine.IO session: %s", exc)
+            self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
+
+    def _later(self, call: Any, *args: Any) -> None:
+        """Run ``call(*args)`` in this session's greenlet, after what is already waiting.
+
+        The greenlet exists only while there is something to run: what a
+        client sends is handled in order, and may wait for the database.
+        """
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append((call, args))
+        if self._runner is None:
+            self._runner = gevent.spawn(self._run_pending)
+
+    def _run_pending(self) -> None:
+        try:
+            while self._pending:
+                call, args = self._pending.popleft()
+                try:
+                    call(*args)
+                except Exception:
+                    log.exception("handling a message of an Engine.IO session failed")
+        finally:
+            self._runner = None
+            self._pending = None
+
+    def _expect(self, ws: WebSocket, kind: int, data: str) -> bool:
         message = ws.receive()
         try:
             ok = message is not None and (pkt := decode_packet(message)).packet_type == kind \
@@ -234,7 +327,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             ws.close()
         return ok
 
-    def _drain_queue_to(self, ws: BoundedWebSocket) -> None:
+    def _drain_queue_to(self, ws: WebSocket) -> None:
         # Packets queued before the websocket took over (the OPEN packet of a
         # fresh websocket session, or what was sent during an upgrade).
         empty = self.server.get_queue_empty_exception()
@@ -249,12 +342,20 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
                 ws.send(encoded)
 
     def _ws_closed(self, code: int) -> None:
+        # Maybe in the hub (the peer left): the disconnect handlers run in a greenlet.
+        if not self.closed:
+            self._later(self._transport_closed)
+
+    def _transport_closed(self) -> None:
         if not self.closed:
             self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
 
 
 class EngineServer(engineio.Server):  # type: ignore[misc]
     """python-engineio's server with the request handling described above."""
+
+    #: the process's timer heap (set by realtime/server.py)
+    timers: Timers
 
     def _bad_request(self, message: str | None = None) -> dict[str, Any]:
         return _json_response(400, "bad_request", message or "Bad request.")
@@ -363,9 +464,6 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
     def _handle_connect(self, environ: dict[str, Any], start_response: Callable[..., Any],
                         transport: str, jsonp_index: int | None = None) -> Any:
         """Open a session (python-engineio's, with our socket class and exact timings)."""
-        if self.start_service_task:  # type: ignore[has-type]
-            self.start_service_task = False
-            self.service_task_handle = self.start_background_task(self._service_task)
         sid = self.generate_id()
         s = EngineSocket(self, sid)
         self.sockets[sid] = s

@@ -1,29 +1,38 @@
 """The WebSocket transport: handshake, frame reading with limits, direct writes.
 
 A fork of gevent-websocket 0.10.1 (``geventwebsocket/websocket.py`` and the
-handshake half of ``geventwebsocket/handler.py``); what it changes and why:
+handshake half of ``geventwebsocket/handler.py``), of which it keeps the
+exceptions and the table of valid close codes. What it changes, and why:
 
 - **The upgrade happens when Engine.IO accepts the request**, not before
   the application runs: gevent-websocket answers ``101`` first and lets the
-  application look afterwards, so a request Engine.IO refuses (bad Origin,
+  application look afterwards, so a request Engine.IO refused (bad Origin,
   ``EIO``, ``transport`` or ``sid``) was upgraded and then closed with 1000,
   and the official client waited 20 s for a timeout instead of seeing the
   HTTP error. Here the handler only checks the handshake headers and leaves
   ``accept`` in the environ; Engine.IO calls it once it has said yes.
+- **An idle WebSocket costs no greenlet** (``adopt``): once the session is
+  open, the request's greenlet hands the socket over and ends, and a libev
+  read watcher parses frames as bytes arrive. gevent-websocket kept a
+  greenlet blocked in ``receive()`` per socket, with every frame of its
+  stack (about 20 KiB a socket, and a switch per pong).
 - **Sizes are capped from the header, before reading**: a frame, or a
   fragmented message, over ``max_message`` bytes is refused with close code
   1009 (gevent-websocket reads whatever length a header announces).
+- **Client frames must be masked**, and reserved bits clear (RFC 6455 5.1,
+  5.2), or the connection is closed with 1002.
 - **Closing closes**: ``close()`` sends the close code it is given
-  (gevent-websocket's drops it) and shuts the TCP connection down, so the
-  greenlet reading it wakes at once and the connection's slot is freed
-  (gevent-websocket left the reader blocked until the peer spoke again).
+  (gevent-websocket's dropped it) and shuts the TCP connection, whose slot
+  is freed at once (gevent-websocket left the reader blocked until the peer
+  spoke again).
 - **Writes go straight to the socket** (``send_frame_bytes``): one
   non-blocking ``send`` of bytes built once, with no lock, no ``sendall``
   and no ``getsockopt`` per write; only what the kernel does not take at once
-  is kept, up to ``max_buffer`` bytes, and flushed by a greenlet that
-  exists only while something is waiting. Past the bound the peer is cut off
+  is kept, up to ``max_buffer`` bytes, and flushed by a greenlet that exists
+  only while something is waiting. Past the bound the peer is cut off
   (close code 1008): a client that stops reading holds at most that much.
-- Unmasking is done on whole integers instead of byte by byte in Python.
+- Unmasking is done on whole integers instead of byte by byte in Python,
+  and nothing is buffered between messages.
 """
 
 from __future__ import annotations
@@ -39,8 +48,8 @@ from typing import Any
 
 import gevent
 from gevent.socket import wait_write
-from geventwebsocket.exceptions import ProtocolError, WebSocketError
-from geventwebsocket.websocket import Header, WebSocket
+from geventwebsocket.exceptions import ProtocolError
+from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,7 @@ ACCEPT_KEY = "orgcast.websocket.accept"
 SUPPORTED_VERSIONS = ("13", "8", "7")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
+OPCODE_CONTINUATION = 0x00
 OPCODE_TEXT = 0x01
 OPCODE_BINARY = 0x02
 OPCODE_CLOSE = 0x08
@@ -62,9 +72,12 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_ABNORMAL = 1006
+
+_is_valid_close_code = _GeventWebSocket._is_valid_close_code
 
 
-class MessageTooBig(Exception):
+class MessageTooBig(ProtocolError):  # type: ignore[misc]
     """A frame or message is larger than the configured maximum."""
 
 
@@ -119,10 +132,15 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
 
 
-class BoundedWebSocket(WebSocket):  # type: ignore[misc]
-    """gevent-websocket's WebSocket with size caps, a real close and direct writes."""
+class _Closed(Exception):
+    """The connection was closed while parsing (the close frame is answered)."""
 
-    __slots__ = ("sock", "backlog", "backlog_bytes", "flusher", "on_close")
+
+class WebSocket:
+    """One server-side WebSocket connection: frames in, frames out."""
+
+    __slots__ = ("sock", "owner", "closed", "buffer", "fragments", "fragments_size", "fragments_opcode",
+                 "backlog", "backlog_bytes", "flusher", "watcher", "on_message", "on_close", "release")
 
     #: set from ORGCAST_MAX_PAYLOAD when the worker starts
     max_message: int = 1048576
@@ -131,85 +149,185 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
     #: seconds the flusher waits for a peer to take more bytes before giving up
     write_timeout: float = 30.0
 
-    def __init__(self, environ: dict[str, Any], stream: Any, handler: Any) -> None:
-        super().__init__(environ, stream, handler)
-        self.sock = handler.socket
-        self.backlog: deque[bytes] = deque()
+    def __init__(self, sock: Any, owner: Any = None) -> None:
+        self.sock = sock
+        #: the request handler that accepted it, until ``adopt``: its ``hand_over(sock)``
+        #: makes it let go of the socket and returns a callable that frees the slot
+        self.owner = owner
+        self.closed = False
+        #: bytes received and not yet parsed (empty between messages)
+        self.buffer = b""
+        self.fragments: list[bytes] | None = None
+        self.fragments_size = 0
+        self.fragments_opcode = 0
+        self.backlog: deque[bytes] | None = None
         self.backlog_bytes = 0
         self.flusher: Any = None
+        self.watcher: Any = None
+        #: after ``adopt``: called, in the hub, with each message (str or bytes)
+        self.on_message: Callable[[Any], None] | None = None
         #: called once, with the close code, when the connection is closed
         self.on_close: Callable[[int], None] | None = None
+        self.release: Callable[[], None] | None = None
 
-    # --- reading
-
-    def read_frame(self) -> tuple[Any, bytes]:
-        header = Header.decode_header(self.stream)
-        if header.flags:
-            raise ProtocolError("reserved bits set")
-        if header.length > self.max_message:
-            raise MessageTooBig(f"frame of {header.length} bytes")
-        if not header.length:
-            return header, b""
-        payload = self.raw_read(header.length)
-        if len(payload) != header.length:
-            raise ProtocolError("unexpected EOF reading frame payload")
-        if header.mask:
-            payload = _unmask(payload, header.mask)
-        return header, payload
-
-    def read_message(self) -> Any:
-        # gevent-websocket's read_message, with the running total of a
-        # fragmented message capped too (its version has no limit at all).
-        opcode = None
-        message = bytearray()
-        while True:
-            header, payload = self.read_frame()
-            f_opcode = header.opcode
-            if f_opcode in (OPCODE_TEXT, OPCODE_BINARY):
-                if opcode:
-                    raise ProtocolError("new message inside a fragmented one")
-                opcode = f_opcode
-            elif f_opcode == self.OPCODE_CONTINUATION:
-                if not opcode:
-                    raise ProtocolError("continuation frame without a message")
-            elif f_opcode == OPCODE_PING:
-                self.send_frame_bytes(encode_frame(payload, OPCODE_PONG))
-                continue
-            elif f_opcode == OPCODE_PONG:
-                continue
-            elif f_opcode == OPCODE_CLOSE:
-                self.handle_close(header, payload)
-                return None
-            else:
-                raise ProtocolError(f"unexpected opcode {f_opcode!r}")
-            if len(message) + len(payload) > self.max_message:
-                raise MessageTooBig(f"message over {self.max_message} bytes")
-            message += payload
-            if header.fin:
-                break
-        if opcode == OPCODE_TEXT:
-            return message.decode("utf-8")  # UnicodeDecodeError: see receive()
-        return bytes(message)
+    # --- reading: one parser, fed by a blocking loop or by a read watcher
 
     def receive(self) -> Any:
-        """Return the next text (str) or binary (bytes) message; None once closed."""
-        if self.closed:
-            return None
-        try:
-            return self.read_message()
-        except MessageTooBig:
-            self.close(CLOSE_TOO_BIG, b"message too big")
-        except UnicodeError:
-            self.close(CLOSE_INVALID_DATA, b"invalid UTF-8")
-        except ProtocolError:
-            self.close(CLOSE_PROTOCOL_ERROR, b"protocol error")
-        except (WebSocketError, OSError):
-            self.close()
+        """Block until the next text (str) or binary (bytes) message; None once closed.
+
+        For the upgrade handshake, while the request's greenlet still owns the socket.
+        """
+        while not self.closed:
+            try:
+                message = self._next_message()
+            except _Closed:
+                return None
+            except ProtocolError as exc:
+                self._refuse(exc)
+                return None
+            if message is not None:
+                return message
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.abort()
+                return None
+            self.buffer += chunk
         return None
+
+    def adopt(self, on_message: Callable[[Any], None]) -> bool:
+        """Take the socket from the request's greenlet: read it with a watcher from now on.
+
+        The request handler (``app/serving.py``) then neither closes the socket
+        when the request ends nor stops counting it as a connection. Return
+        False, and keep reading with ``receive()``, when there is no such handler.
+        """
+        owner, self.owner = self.owner, None
+        if owner is None or self.closed:
+            return False
+        self.release = owner.hand_over(self.sock)
+        self.on_message = on_message
+        self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self.watcher.start(self._readable)
+        if self.buffer:  # bytes that arrived with the last blocking read
+            gevent.get_hub().loop.run_callback(self._parse_buffered)
+        return True
+
+    def _readable(self) -> None:
+        # Runs in the hub: parse, hand messages on; never block here.
+        if self.closed:
+            return
+        try:
+            chunk = self.sock._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.abort()
+            return
+        self.buffer += chunk
+        self._parse_buffered()
+
+    def _parse_buffered(self) -> None:
+        try:
+            while not self.closed:
+                message = self._next_message()
+                if message is None:
+                    return
+                if self.on_message is not None:
+                    self.on_message(message)
+        except _Closed:
+            return
+        except ProtocolError as exc:
+            self._refuse(exc)
+        except Exception:
+            log.exception("websocket message handling failed")
+            self.close(1011, b"internal error")
+
+    def _next_message(self) -> Any:
+        """Parse frames from the buffer; return a whole message, or None if more bytes are needed.
+
+        :raise ProtocolError: a frame or message that breaks RFC 6455 or the size cap
+        :raise _Closed: the peer sent a close frame (answered)
+        """
+        while True:
+            buffer = self.buffer
+            if len(buffer) < 2:
+                return None
+            first, second = buffer[0], buffer[1]
+            fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
+            if first & 0x70:
+                raise ProtocolError("reserved bits set")
+            if not second & 0x80:
+                raise ProtocolError("client frames must be masked")
+            offset = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return None
+                length = struct.unpack_from("!H", buffer, 2)[0]
+                offset = 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return None
+                length = struct.unpack_from("!Q", buffer, 2)[0]
+                offset = 10
+            if opcode >= OPCODE_CLOSE and (not fin or length > 125):
+                raise ProtocolError("a control frame must be final and at most 125 bytes")
+            if length > self.max_message or (opcode == OPCODE_CONTINUATION
+                                             and self.fragments_size + length > self.max_message):
+                raise MessageTooBig(f"frame of {length} bytes")
+            end = offset + 4 + length
+            if len(buffer) < end:
+                return None
+            payload = _unmask(buffer[offset + 4:end], buffer[offset:offset + 4]) if length else b""
+            self.buffer = buffer[end:]
+            message = self._frame(fin, opcode, payload)
+            if message is not None:
+                return message
+
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> Any:
+        if opcode == OPCODE_PING:
+            self.send_frame_bytes(encode_frame(payload, OPCODE_PONG))
+            return None
+        if opcode == OPCODE_PONG:
+            return None
+        if opcode == OPCODE_CLOSE:
+            self._peer_closed(payload)
+            raise _Closed()
+        if opcode in (OPCODE_TEXT, OPCODE_BINARY):
+            if self.fragments is not None:
+                raise ProtocolError("a new message inside a fragmented one")
+            if not fin:
+                self.fragments, self.fragments_size, self.fragments_opcode = [payload], len(payload), opcode
+                return None
+            return _decode(opcode, payload)
+        if opcode == OPCODE_CONTINUATION:
+            if self.fragments is None:
+                raise ProtocolError("a continuation frame without a message")
+            self.fragments.append(payload)
+            self.fragments_size += len(payload)
+            if not fin:
+                return None
+            whole, opcode = b"".join(self.fragments), self.fragments_opcode
+            self.fragments, self.fragments_size = None, 0
+            return _decode(opcode, whole)
+        raise ProtocolError(f"unknown opcode {opcode}")
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        if isinstance(exc, MessageTooBig):
+            self.close(CLOSE_TOO_BIG, b"message too big")
+        elif isinstance(exc, _InvalidText):
+            self.close(CLOSE_INVALID_DATA, b"invalid UTF-8")
+        else:
+            log.debug("websocket protocol error: %s", exc)
+            self.close(CLOSE_PROTOCOL_ERROR, b"protocol error")
 
     # --- writing
 
-    def send(self, message: Any, binary: bool | None = None) -> None:
+    def send(self, message: Any) -> None:
         """Send a text (str) or binary (bytes) message."""
         if isinstance(message, str):
             self.send_frame_bytes(encode_frame(message.encode("utf-8"), OPCODE_TEXT))
@@ -243,6 +361,8 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
             self.slow_consumer_closed()
             self.abort(CLOSE_POLICY)
             return False
+        if self.backlog is None:
+            self.backlog = deque()
         self.backlog.append(data)
         self.backlog_bytes += len(data)
         if self.flusher is None:
@@ -268,6 +388,8 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
             self.abort()
         finally:
             self.flusher = None
+            if not self.backlog:
+                self.backlog = None
 
     def slow_consumer_closed(self) -> None:
         """Hook: a peer was cut off for not reading (counted by metrics later)."""
@@ -275,7 +397,7 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
     # --- closing
 
     def close(self, code: int = CLOSE_NORMAL, message: Any = b"") -> None:
-        """Send a close frame with ``code`` (after what is queued) and shut the connection."""
+        """Send a close frame with ``code`` (when nothing else is queued) and shut the connection."""
         if self.closed:
             return
         reason = message.encode() if isinstance(message, str) else bytes(message or b"")
@@ -287,39 +409,58 @@ class BoundedWebSocket(WebSocket):  # type: ignore[misc]
                 pass  # the peer is gone or not reading: nothing more to tell it
         self._shutdown(code)
 
-    def abort(self, code: int = 1006) -> None:
+    def abort(self, code: int = CLOSE_ABNORMAL) -> None:
         """Drop the connection at once, without a close frame."""
         if not self.closed:
             self._shutdown(code)
 
-    def _shutdown(self, code: int) -> None:
-        self.closed = True  # type: ignore[misc]
-        self.backlog.clear()
-        self.backlog_bytes = 0
-        try:
-            # Wakes the greenlet blocked reading this socket: it sees EOF,
-            # returns, and the server closes the connection and frees its slot.
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already gone
-        callback, self.on_close = self.on_close, None
-        if callback is not None:
-            callback(code)
-        # What gevent-websocket's close() releases (setattr: its slots).
-        for name in ("stream", "raw_write", "raw_read", "environ"):
-            setattr(self, name, None)
-
-    def handle_close(self, header: Any, payload: bytes) -> None:
+    def _peer_closed(self, payload: bytes) -> None:
         # The peer's close: answer with the same code when it is valid.
         code = CLOSE_NORMAL
         if len(payload) >= 2:
             received = struct.unpack("!H", payload[:2])[0]
-            code = received if self._is_valid_close_code(received) else CLOSE_PROTOCOL_ERROR
+            code = received if _is_valid_close_code(None, received) else CLOSE_PROTOCOL_ERROR
         elif payload:
             code = CLOSE_PROTOCOL_ERROR
         self.close(code)
 
-    def __del__(self) -> None:
-        # gevent-websocket's __del__ calls close(), which would write to a
-        # socket the server may already have reused; nothing to do here.
-        pass
+    def _shutdown(self, code: int) -> None:
+        self.closed = True
+        self.backlog = None
+        self.backlog_bytes = 0
+        self.buffer = b""
+        self.fragments = None
+        flusher, self.flusher = self.flusher, None
+        if flusher is not None and flusher is not gevent.getcurrent():
+            flusher.kill(block=False)
+        try:
+            # Wakes a greenlet blocked reading this socket: it sees EOF and ends.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            # Adopted: nobody else will close it; free its slot.
+            watcher.stop()
+            watcher.close()
+            self.sock.close()
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+        callback, self.on_close = self.on_close, None
+        self.on_message = None
+        if callback is not None:
+            callback(code)
+
+
+class _InvalidText(ProtocolError):  # type: ignore[misc]
+    """A text message that is not UTF-8."""
+
+
+def _decode(opcode: int, payload: bytes) -> Any:
+    if opcode == OPCODE_TEXT:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _InvalidText("invalid UTF-8") from None
+    return payload
