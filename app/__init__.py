@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.config import ConfigError, load_settings
     from app.db import Database
     from app.http import Services, register
+    from app.http.api import ServerApi
     from app.publish.pg_notify import PostgresSource
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
@@ -110,7 +111,8 @@ def create_app(settings: Settings | None = None) -> Any:
     register(flask_app, Services(settings=settings, publisher=publisher, checks=checks,
                                  version=__version__))
 
-    wsgi = build_wsgi(sio, flask_app, settings)
+    api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app)
+    wsgi = build_wsgi(sio, api, settings)
     # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
     wsgi.runtime = runtime  # type: ignore[attr-defined]
     wsgi.flask_app = flask_app  # type: ignore[attr-defined]

@@ -86,6 +86,15 @@ def http_error(status: int, code: str, message: str | None = None) -> tuple[str,
     return status_line(status), error_body(code, message)
 
 
+def http_error_headers(status: int) -> dict[str, str]:
+    """Return the headers an HTTP error of this status carries (401: how to authenticate, 503: when to retry)."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if status == 503:
+        return {"Retry-After": "1"}
+    return {}
+
+
 def connect_error(code: str, message: str | None = None) -> dict[str, Any]:
     """Return a CONNECT_ERROR payload: ``{"message", "data": {"code"}}``, the Socket.IO wire form."""
     return {"message": message or REFUSALS[code].message, "data": {"code": code}}

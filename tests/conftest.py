@@ -93,7 +93,10 @@ def app(settings: Any) -> Any:
 
 @pytest.fixture
 def client(app: Any) -> Any:
-    return app.flask_app.test_client()
+    """An in-process HTTP client of the whole WSGI callable (server API, Socket.IO, Flask)."""
+    from werkzeug.test import Client
+
+    return Client(app)
 
 
 # --- the real gunicorn process --------------------------------------------------

@@ -49,7 +49,9 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 def make_client(postgres: Any, **overrides: str) -> Any:
     """A test client of an app built from the test environment plus ``overrides``."""
-    return create_app(load_settings(base_env(postgres, **overrides))).flask_app.test_client()
+    from werkzeug.test import Client
+
+    return Client(create_app(load_settings(base_env(postgres, **overrides))))
 
 
 # --- accepted requests ------------------------------------------------------------------
@@ -171,7 +173,9 @@ def keyless_client(postgres: Any) -> Any:
     del env["ORGCAST_API_KEYS"]
     settings = load_settings(env)
     assert settings.api_keys == ()
-    return create_app(settings).flask_app.test_client()
+    from werkzeug.test import Client
+
+    return Client(create_app(settings))
 
 
 @pytest.mark.parametrize("route", API_ROUTES)
@@ -603,3 +607,68 @@ def test_config_is_readable_by_configured_browser_origins(postgres: Any, setting
     api = client.post("/api/v1/organizations/org-a/events", json={"event": "news"},
                       headers={"Origin": origin, "Authorization": f"Bearer {API_KEY}"})
     assert "Access-Control-Allow-Origin" not in api.headers
+
+
+# --- the batch route: POST /api/v1/events -------------------------------------------------
+
+
+def test_batch_is_accepted_with_its_count(client: Any) -> None:
+    response = client.post("/api/v1/events", headers=AUTH, json={"events": [
+        {"organizationId": "org-a", "event": "news", "data": {"n": 1}},
+        {"userId": "alice", "event": "news"},
+        {"organizationId": "org-b", "event": "news", "data": None},
+    ]})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json() == {"status": "accepted", "count": 3}
+
+
+@pytest.mark.parametrize(("events", "status", "code", "index"), [
+    ([{"organizationId": "bad id", "event": "news"}], 422, "invalid_organization", 0),
+    ([{"organizationId": "org-a", "event": "news"}, {"userId": "a b", "event": "news"}], 422, "invalid_user", 1),
+    ([{"organizationId": "org-a", "event": "news"}, {"organizationId": "org-a", "event": "connect"}],
+     422, "invalid_event", 1),
+    ([{"organizationId": "org-a", "userId": "alice", "event": "news"}], 400, "bad_request", 0),
+    ([{"event": "news"}], 400, "bad_request", 0),
+    ([{"organizationId": 42, "event": "news"}], 400, "bad_request", 0),
+    ([{"organizationId": "org-a"}], 400, "bad_request", 0),
+    (["news"], 400, "bad_request", 0),
+])
+def test_batch_with_one_bad_event_is_refused_whole_naming_it(client: Any, events: list[Any], status: int,
+                                                            code: str, index: int) -> None:
+    response = client.post("/api/v1/events", headers=AUTH, json={"events": events})
+    body = assert_error(response, status, code)
+    assert f"events[{index}]" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [{}, {"events": []}, {"events": {}}, [1], {"events": "x"}])
+def test_batch_body_without_events_is_400(client: Any, body: Any) -> None:
+    assert_error(client.post("/api/v1/events", headers=AUTH, json=body), 400, "bad_request")
+
+
+def test_batch_over_the_size_limit_is_400(client: Any) -> None:
+    events = [{"organizationId": "org-a", "event": "news"}] * 1001
+    assert_error(client.post("/api/v1/events", headers=AUTH, json={"events": events}), 400, "bad_request")
+
+
+def test_batch_needs_the_api_key(client: Any) -> None:
+    response = client.post("/api/v1/events", json={"events": [{"organizationId": "org-a", "event": "news"}]})
+    assert_error(response, 401, "unauthorized")
+
+
+def test_gunicorn_batch_delivers_every_event_in_order_and_nothing_when_refused(
+        small_server: Server, listen: Any) -> None:
+    alice = listen(small_server.url, auth={"token": "tok-alice", "organizationId": "org-a"})
+    carol = listen(small_server.url, auth={"token": "tok-carol", "organizationId": "org-b"})
+    refused = requests.post(f"{small_server.url}/api/v1/events", headers=AUTH, timeout=5, json={"events": [
+        {"organizationId": "org-a", "event": "news", "data": "never"},
+        {"organizationId": "org-a", "event": "disconnect"}]})
+    assert refused.status_code == 422
+    accepted = requests.post(f"{small_server.url}/api/v1/events", headers=AUTH, timeout=5, json={"events": [
+        {"organizationId": "org-a", "event": "news", "data": 1},
+        {"userId": "alice", "event": "news", "data": 2},
+        {"organizationId": "org-b", "event": "news", "data": 3},
+        {"organizationId": "org-a", "event": "marker", "data": "end"},
+        {"organizationId": "org-b", "event": "marker", "data": "end"}]})
+    assert accepted.status_code == 202 and accepted.json()["count"] == 5
+    assert alice.events_before("marker", "end") == [("news", 1), ("news", 2)]
+    assert carol.events_before("marker", "end") == [("news", 3)]

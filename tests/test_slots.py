@@ -207,3 +207,32 @@ def test_deeply_nested_json_is_400_without_traceback(server: Server, data: bytes
         assert reply.json()["error"]["code"] == "bad_request"
     assert "Traceback" not in server.output()
     assert "RecursionError" not in server.output()
+
+
+# --- request headers (parsed without the email package) ---------------------------------------
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ("X-A: 1\r\n" * 101, 400),                      # more than 100 header lines
+    ("X-Long: " + "a" * 70_000 + "\r\n", 400),      # a line over 64 KiB
+    ("no colon here\r\n", 400),
+    (": no name\r\n", 400),
+    ("X-A: 1\r\n X-continued\r\n", 200),            # an obsolete continuation line
+    ("X-A: 1\r\nx-a: 2\r\n", 200),                  # the same header twice
+])
+def test_malformed_request_headers_are_400(server: Server, headers: str, status: int) -> None:
+    reply = raw_http(server.port, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    assert reply.status == status
+    assert "Traceback" not in server.output()
+
+
+def test_header_values_reach_the_application(server: Server) -> None:
+    # Authorization found whatever its case, Content-Length honoured, chunked wins over it.
+    body = b'{"event": "news", "data": 1}'
+    head = (f"POST /api/v1/organizations/org-a/events HTTP/1.1\r\nHost: x\r\n"
+            f"authorization: Bearer {API_KEY}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+    assert raw_http(server.port, head + body).status == 202
+    chunked = (f"POST /api/v1/organizations/org-a/events HTTP/1.1\r\nHost: x\r\n"
+               f"Authorization: Bearer {API_KEY}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+               f"{len(body):x}\r\n").encode() + body + b"\r\n0\r\n\r\n"
+    assert raw_http(server.port, chunked).status == 202

@@ -16,7 +16,7 @@ from flask import Flask, current_app
 from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
-from app.errors import ApiError, Unavailable, error_body
+from app.errors import ApiError, Unavailable, error_body, http_error_headers
 from app.publish.service import Publisher
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,19 @@ def services() -> Services:
 
 def register(app: Flask, svc: Services) -> None:
     """Attach the services, the blueprints and the JSON error handlers."""
-    from app.http import admin, api, health, public
+    from app.http import admin, health, public
 
     app.extensions[EXTENSION] = svc
-    for module in (health, public, api, admin):
+    for module in (health, public, admin):
         app.register_blueprint(module.bp)
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Any:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return error_body(exc.code, exc.message), exc.status, headers
+        return error_body(exc.code, exc.message), exc.status, http_error_headers(exc.status)
 
     @app.errorhandler(Unavailable)
     def unavailable(exc: Unavailable) -> Any:
-        return error_body("unavailable", exc.message), 503, {"Retry-After": "1"}
+        return error_body("unavailable", exc.message), 503, http_error_headers(503)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
