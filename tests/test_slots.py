@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, ROOT, Server, base_env, start_gunicorn
+from conftest import API_KEY, ROOT, Server, base_env, publish, rss_kib, start_gunicorn
 from protocol import SUITE_ENV, RawSession, raw_http, read_response
 from throwaway import children_of
 
@@ -236,3 +236,41 @@ def test_header_values_reach_the_application(server: Server) -> None:
                f"Authorization: Bearer {API_KEY}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
                f"{len(body):x}\r\n").encode() + body + b"\r\n0\r\n\r\n"
     assert raw_http(server.port, chunked).status == 202
+
+
+# --- a client that does not read --------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_is_cut_off_at_the_send_buffer_bound(
+        postgres: Any, gunicorn_factory: Any, listen: Any) -> None:
+    """It answers pings without reading (so no timeout saves us): past
+    ORGCAST_SEND_BUFFER queued bytes it is disconnected, memory stays bounded,
+    and a reading client of the same room gets every event."""
+    bound = 1_048_576
+    srv = gunicorn_factory(base_env(postgres, **SUITE_ENV, ORGCAST_SEND_BUFFER=str(bound)))
+    (worker,) = children_of(srv.proc.pid)
+    reader = listen(srv.url, auth=ALICE)
+    slow = RawSession.connect(srv.port)
+    assert slow.connect_socketio(ALICE).startswith("40{")
+    slow.ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    baseline = rss_kib(worker)
+    blob = "z" * 100_000
+    sent = 0
+    closed = False
+    for i in range(120):  # up to 12 MB for a reader that never reads
+        assert publish(srv, "org-a", "news", {"i": i, "blob": blob}).status_code == 202
+        sent += 1
+        try:
+            slow.ws.sock.send(b"\x81\x81\x00\x00\x00\x00\x33")  # a masked "3": the pong, blindly
+        except OSError:
+            closed = True
+            break
+        if "closing a websocket that does not read" in srv.output():
+            closed = True
+            break
+    assert closed, "the slow client was never cut off"
+    assert "closing a websocket that does not read" in srv.output()
+    assert rss_kib(worker) - baseline < 3 * bound // 1024 + 20_000
+    for i in range(sent):
+        assert reader.wait_for("news", timeout=10)["i"] == i
+    slow.close()
