@@ -29,6 +29,7 @@ class Runtime:
 
     starters: list[Callable[[], None]] = field(default_factory=list)
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    drainers: list[Callable[[float], None]] = field(default_factory=list)
     started: bool = False
 
     def start(self) -> None:
@@ -44,12 +45,19 @@ class Runtime:
             stop()
         self.started = False
 
+    def drain(self, timeout: float) -> None:
+        """Before the worker stops (SIGTERM): deliver what was accepted, then close every session."""
+        for drain in self.drainers:
+            drain(timeout)
+
 
 def create_app(settings: Settings | None = None) -> Any:
     """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
     from flask import Flask
+    from gevent.event import AsyncResult
 
     from app.auth.checker import AuthChecker
+    from app.auth.ratelimit import FailureCounter, RedisFailureCounter
     from app.auth.store import AuthStore
     from app.bus.postgres import PostgresBus
     from app.config import ConfigError, load_settings
@@ -70,12 +78,25 @@ def create_app(settings: Settings | None = None) -> Any:
 
     db = Database(settings.database_url, pool_size=settings.db_pool_size,
                   timeout=settings.db_timeout, timezone=settings.db_timezone)
-    checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
-                          cache_ttl=settings.auth_cache_ttl)
+    limiter: Any = FailureCounter(settings.auth_failures, settings.auth_failure_window)
+    if settings.redis_url:
+        # Shared by every worker and instance (README, "Brute force").
+        import redis
 
-    sio = build_server(settings, RoomsManager(), Timers())
-    sio.register_namespace(OrgcastNamespace(checker))
+        limiter = RedisFailureCounter(
+            redis.Redis.from_url(settings.redis_url, socket_timeout=settings.db_timeout,
+                                 socket_connect_timeout=settings.db_timeout),
+            f"{settings.emitter_prefix}:orgcast:failures:", settings.auth_failures, settings.auth_failure_window)
+    checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
+                          cache_ttl=settings.auth_cache_ttl, limiter=limiter, waiter=AsyncResult,
+                          wait_timeout=settings.db_timeout + 1)
+
+    timers = Timers()
+    sio = build_server(settings, RoomsManager(), timers)
     fanout = Fanout(sio, on_forget=checker.forget_user)
+    sio.register_namespace(OrgcastNamespace(
+        checker, fanout, timers, expiry_warning=settings.expiry_warning,
+        max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user))
 
     # The bus: Redis with REDIS_URL, else Postgres. Postgres always hears the
     # backends that publish in SQL (in the leader process).
@@ -104,6 +125,14 @@ def create_app(settings: Settings | None = None) -> Any:
         runtime.stoppers.append(postgres.stop)
     runtime.starters.append(lambda: bus.start(fanout.handle))
     runtime.stoppers.append(bus.stop)
+
+    def drain(timeout: float) -> None:
+        # Everything accepted (202) before the signal was published on the bus
+        # before this marker: once the marker is heard, it has been delivered.
+        bus.barrier(min(2.0, timeout))
+        sio.close_all()
+
+    runtime.drainers.append(drain)
 
     flask_app = Flask(__name__)
     flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_payload

@@ -55,6 +55,28 @@ def _opt_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _non_neg_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected an integer >= 0") from None
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    import ipaddress
+
+    networks = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not an address or a CIDR such as 10.0.0.0/8") from None
+    return networks
+
+
 def _pos_int(raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -274,6 +296,38 @@ class Settings:
         "ORGCAST_AUTH_CACHE_TTL", "10",
         "seconds an accepted (token, organization) stays cached, never past the token's expiry; 0 turns it off",
         _non_neg_float)
+    expiry_warning: float = setting(
+        "ORGCAST_EXPIRY_WARNING", "60",
+        "seconds before a token's `expires` that its sockets receive `session_expiring` (half the token's "
+        "remaining life when that is shorter)",
+        _non_neg_float)
+    max_subscriptions: int = setting(
+        "ORGCAST_MAX_SUBSCRIPTIONS", "50",
+        "organization rooms one socket may be in (its own included); `subscribe` beyond is refused "
+        "`too_many_subscriptions`",
+        _pos_int)
+    max_sockets_per_user: int = setting(
+        "ORGCAST_MAX_SOCKETS_PER_USER", "0",
+        "sockets one user may hold open in one worker; more are refused `too_many_sockets`; 0: no limit",
+        _non_neg_int)
+    auth_failures: int = setting(
+        "ORGCAST_AUTH_FAILURES", "20",
+        "failed authorizations (`token_invalid`, `token_expired`, `forbidden`) one client address may make in "
+        "`ORGCAST_AUTH_FAILURE_WINDOW` before it is refused `rate_limited` without a database query",
+        _pos_int)
+    auth_failure_window: float = setting(
+        "ORGCAST_AUTH_FAILURE_WINDOW", "60", "seconds over which failed authorizations are counted", _pos_float)
+    max_pending_per_address: int = setting(
+        "ORGCAST_MAX_PENDING_PER_ADDRESS", "50",
+        "sessions one client address may hold open in one worker before they are admitted to `/`; "
+        "more are refused 429 `rate_limited`",
+        _pos_int)
+    trusted_proxies: tuple[str, ...] = setting(
+        "ORGCAST_TRUSTED_PROXIES", "127.0.0.1,::1",
+        "comma-separated addresses or CIDRs of reverse proxies whose `X-Forwarded-For` names the client "
+        "(the default trusts a proxy on this host, as gunicorn's `forwarded_allow_ips`); other peers are "
+        "the client whatever header they send",
+        _networks)
     header_timeout: float = setting(
         "ORGCAST_HEADER_TIMEOUT", "30",
         "seconds a client may take to send a request's line and headers, or stay idle between kept-alive "

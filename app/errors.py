@@ -10,7 +10,8 @@
 The tables are the README's "Refusal codes" and "Publishing over HTTP"
 error tables. Services raise these; only the edges turn them into wire
 form, each through one function here: ``http_error`` (the JSON body of
-every HTTP error), ``connect_error`` (a Socket.IO CONNECT_ERROR payload).
+every HTTP error), ``connect_error`` (a Socket.IO CONNECT_ERROR payload),
+``ack_error`` (the ack of a refused ``subscribe`` or ``refresh``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ REFUSALS: dict[str, Code] = {
         Code("rate_limited", "Too many failed attempts from this address; retry later.", 429, True),
         Code("unavailable", "The authorization database did not answer in time; retry.", 503, True),
         Code("namespace_invalid", "Invalid namespace: orgcast serves the namespace \"/\" only.", 400),
+        Code("too_many_sockets", "This user has the most sockets allowed open; close one first.", 429),
+        # subscribe and refresh only (answered in their acks):
+        Code("too_many_subscriptions", "This socket listens to the most organizations allowed; "
+             "unsubscribe from one first.", 429),
+        Code("token_mismatch", "The new token belongs to another user.", 403),
+        Code("bad_request", "The payload must be an object with the fields of this event.", 400),
     )
 }
 
@@ -65,6 +72,7 @@ API_ERRORS: dict[str, Code] = {
         Code("polling_disabled",
              "Long-polling is off in this deployment (several workers): connect with transports: [\"websocket\"].",
              400),
+        Code("rate_limited", "Too many requests from this address; retry later.", 429, True),
         Code("unavailable", "A dependency did not answer in time; retry.", 503, True),
         Code("internal_error", "Internal error.", 500, True),
     )
@@ -98,6 +106,11 @@ def http_error_headers(status: int) -> dict[str, str]:
 def connect_error(code: str, message: str | None = None) -> dict[str, Any]:
     """Return a CONNECT_ERROR payload: ``{"message", "data": {"code"}}``, the Socket.IO wire form."""
     return {"message": message or REFUSALS[code].message, "data": {"code": code}}
+
+
+def ack_error(code: str, message: str | None = None) -> dict[str, Any]:
+    """Return the ack of a refused client event: ``{"ok": false, "code", "message"}``."""
+    return {"ok": False, "code": code, "message": message or REFUSALS[code].message}
 
 
 class OrgcastError(Exception):

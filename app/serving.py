@@ -300,8 +300,12 @@ class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
     and must still count it against ``worker_connections``.
     """
 
+    #: the servers of this worker process (one per listening socket)
+    instances: list[OrgcastServer] = []
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        OrgcastServer.instances.append(self)
         self.adopted = 0
         self._handed_over: set[int] = set()
         if self.pool is not None:
@@ -342,13 +346,43 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
         WebSocket.max_buffer = settings.send_buffer
         OrgcastHandler.header_timeout = settings.header_timeout
         OrgcastHandler.body_timeout = settings.body_timeout
+        # With several workers, accept one connection per wake-up (as gunicorn's
+        # own gevent server does), so that a burst spreads over the workers.
+        OrgcastServer.max_accept = 1 if self.cfg.workers > 1 else 100
         super().init_process()
+
+    _drainer: Any = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM (gunicorn's graceful stop and reload): stop, but deliver and hand clients over first.
+
+        The drain (``app.Runtime.drain``) waits to hear back a marker published
+        on the bus now, so that every event accepted before the signal reaches
+        the sockets connected then, and closes the sessions, whose clients
+        reconnect at once to another worker. ``run`` waits for it before the
+        worker exits: websockets are not in gunicorn's pool, which would let
+        the worker go at once.
+        """
+        super().handle_exit(sig, frame)
+        if self._drainer is None:
+            self._drainer = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        # No new connection first (close(), so that nothing starts accepting
+        # again): a client handed over must reconnect elsewhere.
+        for server in OrgcastServer.instances:
+            server.close()
+        runtime = getattr(self.wsgi, "runtime", None)
+        if runtime is not None:
+            runtime.drain(max(1.0, self.cfg.graceful_timeout / 2))
 
     def run(self) -> None:
         # Errors in greenlets the hub runs (timers, spawned tasks) are printed
         # by the hub to stderr; send them through the log instead.
         gevent.get_hub().print_exception = _print_exception
         super().run()
+        if self._drainer is not None:
+            self._drainer.join(timeout=self.cfg.graceful_timeout)
 
 
 class RedactingLogger(Logger):  # type: ignore[misc]

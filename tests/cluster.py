@@ -42,7 +42,7 @@ class Cluster:
                 time.sleep(0.05)
 
     def spread(self, listen: Callable[..., Listener], auth: dict[str, Any], per_worker: int = 1,
-               limit: int = 200, via: str | None = None) -> list[tuple[Listener, Server, int]]:
+               limit: int = 400, via: str | None = None) -> list[tuple[Listener, Server, int]]:
         """Connect sockets with ``auth`` until every worker holds ``per_worker`` of them.
 
         ``via``: connect through this URL (nginx) instead of to each instance in turn.

@@ -72,7 +72,10 @@ def clean_environ() -> Iterator[None]:
 def base_env(postgres: ThrowawayPostgres, **overrides: str) -> dict[str, str]:
     """The environment of a test deployment: test database, one API key."""
     env = {"DATABASE_URL": postgres.dsn, "ORGCAST_API_KEYS": API_KEY,
-           "ORGCAST_AUTH_CACHE_TTL": "0"}
+           "ORGCAST_AUTH_CACHE_TTL": "0",
+           # Every test client comes from 127.0.0.1: the per-address limits are
+           # tested on their own (tests/test_lifecycle.py).
+           "ORGCAST_AUTH_FAILURES": "100000", "ORGCAST_MAX_PENDING_PER_ADDRESS": "100000"}
     env.update(overrides)
     return env
 

@@ -32,8 +32,12 @@ class RawSession:
     seen: list[str | bytes] = field(default_factory=list)
 
     @classmethod
-    def connect(cls, port: int, query: str = "EIO=4&transport=websocket",
+    def connect(cls, port: int, query: str = "EIO=4&transport=websocket", source: str | None = None,
                 **options: Any) -> RawSession:
+        """Open a session; ``source``: the client address to connect from (127.0.0.x)."""
+        if source is not None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+            options["socket"] = sock
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/socket.io/?{query}", timeout=5,
                                          **options)
         first = ws.recv()

@@ -318,3 +318,31 @@ def test_two_instances_of_two_workers_behind_nginx_deliver_exactly_once(
         nginx.stop()
         for server in servers:
             server.stop()
+
+
+def test_rate_limiting_counts_each_client_behind_nginx_apart(postgres: ThrowawayPostgres,
+                                                              gunicorn_factory: Any, tmp_path: Path) -> None:
+    """README's nginx sends X-Forwarded-For; the default ORGCAST_TRUSTED_PROXIES
+    trusts this host's nginx, so failures count per client, not per proxy."""
+    import json as jsonlib
+
+    from protocol import RawSession
+
+    server = gunicorn_factory(base_env(postgres, ORGCAST_AUTH_FAILURES="3"))
+    nginx = start_nginx(tmp_path / "nginx", server.port)
+
+    def attempt(token: str, source: str) -> str:
+        raw = RawSession.connect(nginx.port, source=source)
+        try:
+            answer = raw.connect_socketio({"token": token, "organizationId": "org-a"})
+        finally:
+            raw.close()
+        return "ok" if answer.startswith("40{") else str(jsonlib.loads(answer[2:])["data"]["code"])
+
+    try:
+        for i in range(3):
+            assert attempt(f"guess-{i}", "127.0.0.2") == "token_invalid"
+        assert attempt("tok-alice", "127.0.0.2") == "rate_limited"
+        assert attempt("tok-alice", "127.0.0.3") == "ok"
+    finally:
+        nginx.stop()

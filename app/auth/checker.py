@@ -1,7 +1,21 @@
 """The connect check: who is this token, and may it listen to this organization.
 
-A service: it knows nothing of Socket.IO, HTTP or psycopg2. Its store comes
-in through the constructor, and it raises ``Refusal`` with a code of the README's "Refusal codes".
+A service: it knows nothing of Socket.IO, HTTP or drivers. Its store, its
+failure counter and the waiters it coalesces lookups with come in through
+the constructor, and it raises ``Refusal`` with a code of the README's
+"Refusal codes".
+
+What keeps a reconnect storm (every client of a restarted worker at once)
+from overwhelming Postgres:
+
+- a short cache of accepted answers (``ORGCAST_AUTH_CACHE_TTL``, never past
+  the token's ``expires``, dropped when the user is disconnected);
+- coalescing: identical lookups in flight (the sockets of one user with one
+  token) wait for the first one's answer instead of querying again;
+- the pool (``ORGCAST_DB_POOL_SIZE``) as the hard cap on concurrent queries.
+
+Failed authorizations are counted per client address; past the limit the
+address is refused ``rate_limited`` before any lookup.
 """
 
 from __future__ import annotations
@@ -11,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.auth.credentials import Credentials, TokenRow
 from app.errors import Refusal
@@ -19,11 +33,26 @@ from app.errors import Refusal
 log = logging.getLogger(__name__)
 
 _CACHE_MAX = 100_000
+#: refusals that count as failed authorizations of an address
+COUNTED = frozenset({"token_invalid", "token_expired", "forbidden", "token_mismatch"})
 
 
 class Store(Protocol):
     def lookup(self, token: str, organization_id: str) -> TokenRow | None: ...
     def is_member(self, organization_id: str, user_id: str) -> bool: ...
+
+
+class Limiter(Protocol):
+    def limited(self, address: str) -> bool: ...
+    def failed(self, address: str) -> None: ...
+
+
+class Waiter(Protocol):
+    """Where coalesced lookups wait for the first one's answer (a gevent AsyncResult)."""
+
+    def set(self, value: Any) -> None: ...
+    def set_exception(self, exc: BaseException) -> None: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -36,29 +65,74 @@ class Principal:
     expires_at: float | None
 
 
-class AuthChecker:
-    """Authorize connections, with a short cache of accepted credentials."""
+class _NoLimit:
+    def limited(self, address: str) -> bool:
+        return False
 
-    def __init__(self, store: Store, cache_ttl: float,
+    def failed(self, address: str) -> None:
+        pass
+
+
+class AuthChecker:
+    """Authorize connections, subscriptions and token refreshes."""
+
+    def __init__(self, store: Store, cache_ttl: float, *, limiter: Limiter | None = None,
+                 waiter: Callable[[], Waiter] | None = None, wait_timeout: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._cache_ttl = cache_ttl
+        self._limiter: Limiter = limiter if limiter is not None else _NoLimit()
+        self._new_waiter = waiter
+        self._wait_timeout = wait_timeout
         self._clock = clock
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self._inflight: dict[bytes, Waiter] = {}
+        self._next_purge = 0.0
+        #: lookups asked of the store, and answers taken from the cache or another lookup
+        self.lookups = 0
+        self.cache_hits = 0
+        self.coalesced = 0
 
-    def authorize(self, creds: Credentials) -> Principal:
+    def authorize(self, creds: Credentials, address: str = "") -> Principal:
         """Return the principal for these credentials.
 
-        :raise Refusal: token_invalid, token_expired, forbidden, unavailable
+        :raise Refusal: rate_limited, token_invalid, token_expired, forbidden, unavailable
         """
-        key = _cache_key(creds)
+        if address and self._limiter.limited(address):
+            raise Refusal("rate_limited")
+        key = _cache_key(creds.organization_id, creds.token)
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None:
             if now < cached[1]:
+                self.cache_hits += 1
                 return cached[0]
             del self._cache[key]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.coalesced += 1
+            principal: Principal = pending.get(timeout=self._wait_timeout)
+            return principal
+        waiter = self._new_waiter() if self._new_waiter is not None else None
+        if waiter is not None:
+            self._inflight[key] = waiter
+        try:
+            principal = self._check(creds)
+        except Refusal as exc:
+            if waiter is not None:
+                waiter.set_exception(exc)
+            if address and exc.code in COUNTED:
+                self._limiter.failed(address)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        if waiter is not None:
+            waiter.set(principal)
+        self._remember(key, principal, self._clock())
+        return principal
 
+    def _check(self, creds: Credentials) -> Principal:
+        self.lookups += 1
         row = self._store.lookup(creds.token, creds.organization_id)
         now = self._clock()
         if row is None:
@@ -68,16 +142,43 @@ class AuthChecker:
         if not row.member:
             raise Refusal("forbidden")
         expires_at = now + row.expires_in if row.expires_in is not None else None
-        principal = Principal(row.user_id, creds.organization_id, expires_at)
-        self._remember(key, principal, now)
-        return principal
+        return Principal(row.user_id, creds.organization_id, expires_at)
 
-    def is_member(self, organization_id: str, user_id: str) -> bool:
-        """Tell whether the user belongs to the organization.
+    def check_membership(self, organization_id: str, user_id: str, address: str = "") -> None:
+        """Accept ``user_id`` into another organization's room (``subscribe``).
 
-        :raise Unavailable: the database did not answer in time
+        :raise Refusal: rate_limited, forbidden, unavailable
         """
-        return self._store.is_member(organization_id, user_id)
+        if address and self._limiter.limited(address):
+            raise Refusal("rate_limited")
+        if not self._store.is_member(organization_id, user_id):
+            if address:
+                self._limiter.failed(address)
+            raise Refusal("forbidden")
+
+    def refresh(self, token: str, user_id: str, organization_id: str, address: str = "") -> float | None:
+        """Check a newer token of the same user; return its expiry (epoch seconds, None: never).
+
+        :raise Refusal: rate_limited, token_invalid, token_expired, token_mismatch, unavailable
+        """
+        if address and self._limiter.limited(address):
+            raise Refusal("rate_limited")
+        try:
+            if not token or len(token) > 4096:
+                raise Refusal("token_invalid")
+            self.lookups += 1
+            row = self._store.lookup(token, organization_id)
+            if row is None:
+                raise Refusal("token_invalid")
+            if not row.active or (row.expires_in is not None and row.expires_in <= 0):
+                raise Refusal("token_expired")
+            if row.user_id != user_id:
+                raise Refusal("token_mismatch")
+        except Refusal as exc:
+            if address and exc.code in COUNTED:
+                self._limiter.failed(address)
+            raise
+        return self._clock() + row.expires_in if row.expires_in is not None else None
 
     def forget_user(self, user_id: str) -> None:
         """Drop cached acceptances of a user (it was kicked or logged out)."""
@@ -90,13 +191,20 @@ class AuthChecker:
         until = now + self._cache_ttl
         if principal.expires_at is not None:
             until = min(until, principal.expires_at)
-        if len(self._cache) >= _CACHE_MAX:
+        if now >= self._next_purge or len(self._cache) >= _CACHE_MAX:
+            # Expired entries are dropped when met, and here, at most once per TTL.
+            self._next_purge = now + self._cache_ttl
             self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
         self._cache[key] = (principal, until)
 
+    @property
+    def cached(self) -> int:
+        """How many acceptances are cached now."""
+        return len(self._cache)
 
-def _cache_key(creds: Credentials) -> bytes:
+
+def _cache_key(organization_id: str, token: str) -> bytes:
     # Hash, so the cache holds no usable token.
-    return hashlib.sha256(f"{creds.organization_id}\0{creds.token}".encode()).digest()
+    return hashlib.sha256(f"{organization_id}\0{token}".encode()).digest()

@@ -8,8 +8,9 @@ string, then ``Authorization: Bearer`` (with organizationId from auth or query).
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -40,6 +41,43 @@ class TokenRow:
     #: seconds until ``expires`` as the database computes it; None: never
     expires_in: float | None
     member: bool
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """Parse ORGCAST_TRUSTED_PROXIES' addresses and CIDRs (validated by config)."""
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def _in(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(environ: Mapping[str, Any], trusted: Sequence[Network]) -> str:
+    """Return the client's address: the peer's, or the one a trusted proxy reports.
+
+    When the peer is a trusted proxy, ``X-Forwarded-For`` is read from the
+    right, skipping trusted proxies: the first hop that is not one is the
+    client (what an untrusted client puts further left is ignored). A peer
+    that is not trusted is the client, whatever header it sends.
+    """
+    peer = str(environ.get("REMOTE_ADDR", ""))
+    if not trusted or not _in(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in str(environ.get("HTTP_X_FORWARDED_FOR", "")).split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # garbage where an address should be: do not trust it
+    return hops[0] if hops else peer
 
 
 def is_valid_organization_id(value: str) -> bool:

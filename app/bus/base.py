@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 
 from app.bus import envelope
-from app.bus.envelope import Message
+from app.bus.envelope import Marker, Message
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Bus:
         self.received = 0
         self.dropped = 0
         self.last_message_at: float | None = None
+        self._markers: dict[str, gevent.event.Event] = {}
 
     # --- publishing
 
@@ -112,12 +114,35 @@ class Bus:
             self.dropped += 1
             log.warning("dropped a message on the %s bus: %s", self.name, exc)
             return
+        if isinstance(message, Marker):
+            heard = self._markers.get(message.id)
+            if heard is not None:
+                heard.set()
+            return
         if self._handler is not None:
             try:
                 self._handler(message)
             except Exception:
                 self.dropped += 1
                 log.exception("handling a %s bus message failed", self.name)
+
+    def barrier(self, timeout: float) -> bool:
+        """Wait until this process has heard everything published on the bus before now.
+
+        Publishes a marker and waits to hear it back (the bus keeps order);
+        return False if it did not come back within ``timeout`` seconds.
+        """
+        if self.state != UP:
+            return False
+        marker = Marker(random.randbytes(8).hex())
+        heard = self._markers[marker.id] = gevent.event.Event()
+        try:
+            self.publish(marker)
+            return bool(heard.wait(timeout))
+        except Unavailable:
+            return False
+        finally:
+            self._markers.pop(marker.id, None)
 
     # --- readiness
 

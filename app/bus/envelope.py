@@ -47,7 +47,14 @@ class Kick:
     forget: tuple[str, ...] = ()
 
 
-Message = Publication | Kick
+@dataclass(frozen=True)
+class Marker:
+    """Nothing to deliver: a process that hears its own marker has heard all it published before."""
+
+    id: str
+
+
+Message = Publication | Kick | Marker
 
 VERSION = 1
 
@@ -63,12 +70,14 @@ def encode(message: Message) -> str:
             body["offset"] = message.offset
         if message.source:
             body["src"] = message.source
-    else:
+    elif isinstance(message, Kick):
         body = {"v": VERSION, "k": "kick", "rooms": list(message.rooms)}
         if message.except_rooms:
             body["except"] = list(message.except_rooms)
         if message.forget:
             body["forget"] = list(message.forget)
+    else:
+        body = {"v": VERSION, "k": "marker", "rooms": [], "id": message.id}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -99,4 +108,6 @@ def decode(text: str | bytes) -> Message:
         return Publication(rooms, args, except_rooms, offset, str(body.get("src", "")))
     if kind == "kick":
         return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
+    if kind == "marker":
+        return Marker(str(body.get("id", "")))
     raise ValueError(f"unknown message kind {kind!r}")

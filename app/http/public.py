@@ -29,7 +29,7 @@ def config() -> Any:
         },
         "rooms": {"organization": ORGANIZATION_PREFIX + "<organizationId>",
                   "user": USER_PREFIX + "<user_id>"},
-        "events": {"server": ["news"], "client": []},
+        "events": {"server": ["news", "session_expiring"], "client": ["subscribe", "unsubscribe", "refresh"]},
     }
 
 

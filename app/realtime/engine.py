@@ -477,7 +477,8 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         accepted = self._trigger_event("connect", sid, environ, run_async=False)
         if accepted is not None and accepted is not True:
             del self.sockets[sid]
-            return _json_response(401, "unauthorized", "Connection refused.")
+            return _json_response(429, "rate_limited", "Too many connections from this address are not "
+                                  "admitted yet; retry later.")
         s.schedule_ping()
         if transport == "websocket":
             result = s.handle_get_request(environ, start_response)

@@ -60,6 +60,15 @@ class Fanout:
         self.delivered += count
         return count
 
+    def to_socket(self, sid: str, args: str) -> bool:
+        """Send one event (``args``: the JSON of ``[event, data]``) to one local socket."""
+        eio_sid = self._sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        sock = self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if sock is None or sock.closed:
+            return False
+        sock.send(eio_packet.Packet(eio_packet.MESSAGE, "2" + args))
+        return True
+
     def kick(self, kick: Kick) -> int:
         """Disconnect the local sockets of a kick, and forget its users' acceptances."""
         if self._on_forget is not None:

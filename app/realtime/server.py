@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +33,7 @@ from urllib.parse import parse_qs
 import socketio
 from socketio import packet as sio_packet
 
+from app.auth.credentials import Network, client_address, parse_networks
 from app.config import Settings
 from app.errors import API_ERRORS, connect_error, error_body, status_line
 from app.realtime.engine import EngineServer
@@ -49,7 +51,9 @@ MAX_ATTACHMENTS = 10
 #: seconds a disconnected client has to close its connection itself
 KICK_GRACE = 1.0
 #: what the connect check reads of a session's WSGI environ
-_KEPT_ENVIRON = ("QUERY_STRING", "HTTP_AUTHORIZATION", "REMOTE_ADDR", "HTTP_X_FORWARDED_FOR")
+_KEPT_ENVIRON = ("QUERY_STRING", "HTTP_AUTHORIZATION", "REMOTE_ADDR")
+#: environ key of the client's address (the peer, or what a trusted proxy reports)
+ADDRESS_KEY = "orgcast.address"
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -165,12 +169,18 @@ class RoomsManager(socketio.Manager):  # type: ignore[misc]
 class SocketServer(socketio.Server):  # type: ignore[misc]
     """python-socketio's server on ``EngineServer``, with the rules above."""
 
-    def __init__(self, *, connect_timeout: float, timers: Timers, **kwargs: Any) -> None:
+    def __init__(self, *, connect_timeout: float, timers: Timers, max_pending_per_address: int = 0,
+                 trusted_proxies: tuple[Network, ...] = (), **kwargs: Any) -> None:
         # No service task walking every session: pings and their timeouts are timers.
         super().__init__(monitor_clients=False, **kwargs)
         self.connect_timeout = connect_timeout
         self.timers = timers
         self.eio.timers = timers
+        self._max_pending = max_pending_per_address
+        self._trusted = trusted_proxies
+        #: sessions not admitted yet, per client address (and the address of each)
+        self._pending_per_address: Counter[str] = Counter()
+        self._pending_address: dict[str, str] = {}
         #: Engine.IO sessions not (or no longer) admitted to "/", with their deadline
         self._pending: dict[str, Timer] = {}
         #: binary attachments still expected, by Engine.IO session
@@ -181,11 +191,32 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
 
     # --- admission deadline
 
-    def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+    def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
+        """Open a session, unless its address holds too many that are not admitted (429)."""
+        address = client_address(environ, self._trusted)
+        if self._max_pending and self._pending_per_address[address] >= self._max_pending:
+            client_log.info("refused an Engine.IO session of %s: %d not admitted yet", address,
+                            self._pending_per_address[address])
+            return False
         # python-socketio keeps the environ for the session's life; keep only
         # what the connect check reads (credentials, the client's address).
-        super()._handle_eio_connect(eio_sid, {k: environ[k] for k in _KEPT_ENVIRON if k in environ})
+        kept = {k: environ[k] for k in _KEPT_ENVIRON if k in environ}
+        kept[ADDRESS_KEY] = address
+        super()._handle_eio_connect(eio_sid, kept)
+        self._pending_per_address[address] += 1
+        self._pending_address[eio_sid] = address
         self._arm(eio_sid)
+        return True
+
+    def _admitted(self, eio_sid: str) -> None:
+        pending = self._pending.pop(eio_sid, None)
+        if pending is not None:
+            pending.cancel()
+        address = self._pending_address.pop(eio_sid, None)
+        if address is not None:
+            self._pending_per_address[address] -= 1
+            if self._pending_per_address[address] <= 0:
+                del self._pending_per_address[address]
 
     def _arm(self, eio_sid: str, delay: float | None = None) -> None:
         old = self._pending.pop(eio_sid, None)
@@ -201,9 +232,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
             self.eio.disconnect(eio_sid)
 
     def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
-        pending = self._pending.pop(eio_sid, None)
-        if pending is not None:
-            pending.cancel()
+        self._admitted(eio_sid)  # no longer pending, whatever it was
         self._attachments.pop(eio_sid, None)
         super()._handle_eio_disconnect(eio_sid, reason)
 
@@ -220,6 +249,18 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         super().disconnect(sid, namespace=namespace, ignore_queue=ignore_queue)
         if eio_sid is not None and eio_sid in self.eio.sockets:
             self._arm(eio_sid, min(KICK_GRACE, self.connect_timeout))
+
+    def close_all(self) -> int:
+        """Close every Engine.IO session of this process; return how many.
+
+        Clients see their transport close (not a namespace disconnect) and
+        reconnect at once, to another worker: what a worker does before it stops.
+        """
+        sessions = list(self.eio.sockets.values())
+        for session in sessions:
+            session.close(wait=False, abort=False, reason=self.eio.reason.SERVER_DISCONNECT)
+        log.info("closed %d sessions before stopping", len(sessions))
+        return len(sessions)
 
     # --- packets
 
@@ -255,9 +296,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
                 return
             self._handle_connect(eio_sid, namespace, pkt.data)
             if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None:
-                pending = self._pending.pop(eio_sid, None)
-                if pending is not None:
-                    pending.cancel()
+                self._admitted(eio_sid)
             return
         if not admitted:
             raise PacketError(f"packet type {kind} for a namespace the client is not in")
@@ -286,6 +325,8 @@ def build_server(settings: Settings, client_manager: socketio.Manager | None, ti
     return SocketServer(
         connect_timeout=settings.connect_timeout,
         timers=timers,
+        max_pending_per_address=settings.max_pending_per_address,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
         async_mode="gevent",
         client_manager=client_manager,
         cors_allowed_origins=origins,
