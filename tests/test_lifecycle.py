@@ -432,3 +432,15 @@ def test_a_reload_hands_official_clients_over_to_the_new_workers(postgres: Any, 
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert client.next("event")["args"] == ["after the reload"]
+
+
+def test_with_redis_failures_are_counted_across_instances(postgres: Any, redis_server: Any,
+                                                          gunicorn_factory: Any) -> None:
+    env = base_env(postgres, REDIS_URL=redis_server.url, ORGCAST_AUTH_FAILURES="3")
+    first, second = gunicorn_factory(env), gunicorn_factory(env)
+    source = "127.0.0.5"  # an address no other test used against this Redis
+    for i in range(3):
+        assert connect_raw((first, second)[i % 2].port, f"guess-{i}", source=source) == "token_invalid"
+    assert connect_raw(first.port, "tok-alice", source=source) == "rate_limited"
+    assert connect_raw(second.port, "tok-alice", source=source) == "rate_limited"
+    assert connect_raw(second.port, "tok-alice", source="127.0.0.6") == "ok"
