@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
+    from app.realtime.recovery import Recovery
     from app.realtime.server import RoomsManager, build_server, build_wsgi
     from app.realtime.timers import Timers
 
@@ -94,16 +95,13 @@ def create_app(settings: Settings | None = None) -> Any:
     timers = Timers()
     sio = build_server(settings, RoomsManager(), timers)
     fanout = Fanout(sio, on_forget=checker.forget_user)
-    sio.register_namespace(OrgcastNamespace(
-        checker, fanout, timers, expiry_warning=settings.expiry_warning,
-        max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user))
-
     # The bus: Redis with REDIS_URL, else Postgres. Postgres always hears the
     # backends that publish in SQL (in the leader process).
     prefix = settings.emitter_prefix
+    history = (settings.recovery_window, settings.history_size) if settings.recovery else None
     postgres = PostgresBus(db, settings.database_url, carries_bus=not settings.redis_url,
                            source_channels=("orgcast", f"{prefix}#/"),
-                           attachments_table=settings.emitter_attachments_table)
+                           attachments_table=settings.emitter_attachments_table, history=history)
     bus: Any = postgres
     probe_timeout = min(1.0, settings.db_timeout)
     checks = {"database": lambda: db.ping(timeout=probe_timeout)}
@@ -111,9 +109,13 @@ def create_app(settings: Settings | None = None) -> Any:
         from app.bus.redis import RedisBus, make_redis_probe
         from app.publish.redis_emitter import RedisEmitterSource
 
-        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix)
+        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix, history=history)
         checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
     publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast)
+    sio.register_namespace(OrgcastNamespace(
+        checker, fanout, timers, expiry_warning=settings.expiry_warning,
+        max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user,
+        recovery=Recovery(bus, settings.recovery_window) if settings.recovery else None))
     postgres.on_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
                                         postgres.fetch_attachment).handle
     runtime = Runtime()

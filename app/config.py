@@ -328,6 +328,20 @@ class Settings:
         "(the default trusts a proxy on this host, as gunicorn's `forwarded_allow_ips`); other peers are "
         "the client whatever header they send",
         _networks)
+    recovery: bool = setting(
+        "ORGCAST_RECOVERY", "true",
+        "connection state recovery: a client that reconnects within `ORGCAST_RECOVERY_WINDOW` receives the events "
+        "it missed (socket.io-client 4.6+), and every event carries its offset as its last argument",
+        _bool)
+    recovery_window: float = setting(
+        "ORGCAST_RECOVERY_WINDOW", "120",
+        "seconds a disconnected session can be recovered, and the age of the history kept per room",
+        _pos_float)
+    history_size: int = setting(
+        "ORGCAST_HISTORY_SIZE", "1000",
+        "events kept per room for recovery (with `ORGCAST_RECOVERY_WINDOW` as their age bound); a client that "
+        "missed more is not recovered",
+        _pos_int)
     header_timeout: float = setting(
         "ORGCAST_HEADER_TIMEOUT", "30",
         "seconds a client may take to send a request's line and headers, or stay idle between kept-alive "

@@ -72,6 +72,15 @@ class Database:
 
         :raise Unavailable: pool exhausted, database down, slow or erroring
         """
+        rows = self.fetch_all(sql, params, timeout, limit=1)
+        return rows[0] if rows else None
+
+    def fetch_all(self, sql: str, params: Mapping[str, Any], timeout: float | None = None,
+                  limit: int | None = None) -> list[tuple[Any, ...]]:
+        """Run ``sql`` with named ``params``; return its rows (at most ``limit``).
+
+        :raise Unavailable: pool exhausted, database down, slow or erroring
+        """
         budget = self._timeout if timeout is None else timeout
         with self._deadline(budget), self._slot(budget):
             # An idle connection may have died with a database restart: then
@@ -81,7 +90,7 @@ class Database:
                 try:
                     with conn.cursor() as cur:
                         cur.execute(sql, params)
-                        row = cur.fetchone()
+                        rows = cur.fetchmany(limit) if limit is not None else cur.fetchall()
                 except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                     broken = bool(conn.closed)
                     self._discard(conn)
@@ -99,7 +108,7 @@ class Database:
                     self._discard(conn)  # a timeout mid-query leaves it unusable
                     raise
                 self._idle.append(conn)
-                return tuple(row) if row is not None else None
+                return [tuple(row) for row in rows]
         raise AssertionError("unreachable")
 
     def ping(self, timeout: float | None = None) -> float:

@@ -351,6 +351,12 @@ class JsClient:
             if line["type"] in types:
                 return line
 
+    def command(self, line: str) -> None:
+        """Send one command line to the client (see tests/js/client.js)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -380,6 +386,13 @@ def js_client() -> Iterator[Any]:
     for client in started:
         client.close()
 
+
+
+def event_data(line: dict[str, Any]) -> list[Any]:
+    """The arguments of a JS client's event without the offset recovery appends (a string, last)."""
+    args = list(line["args"])
+    assert args and isinstance(args[-1], str), f"no offset as the last argument: {args}"
+    return args[:-1]
 
 
 # --- shared helpers ---------------------------------------------------------------

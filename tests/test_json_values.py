@@ -1,6 +1,8 @@
 """Every JSON value a backend publishes reaches the client's handler as exactly
 that value, as one argument: compared argument by argument, with the official
-socket.io-client (Node) and with python-socketio's client."""
+socket.io-client (Node) and with python-socketio's client. With recovery on
+(the default) the offset follows as the last argument, as Node's Socket.IO
+appends it; with ORGCAST_RECOVERY=false the value is the only argument."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 import socketio
-from conftest import API_KEY, Server
+from conftest import API_KEY, Server, base_env, start_gunicorn
 
 VALUES: list[Any] = [
     {"title": "an object", "nested": {"list": [1, 2, {"x": None}]}},
@@ -51,39 +53,54 @@ class ArgsRecorder:
         return self.events.get(timeout=5)
 
 
+@pytest.fixture(scope="module", params=["recovery", "no-recovery"])
+def server(request: pytest.FixtureRequest, postgres: Any, tmp_path_factory: Any) -> Any:
+    env = base_env(postgres, ORGCAST_RECOVERY="true" if request.param == "recovery" else "false")
+    srv = start_gunicorn(env, tmp_path_factory.mktemp(request.param))
+    srv.recovery = request.param == "recovery"  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+def data_of(server: Server, args: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """The arguments without the offset (recovery on: a string, always last)."""
+    if not server.recovery:  # type: ignore[attr-defined]
+        return list(args)
+    assert len(args) >= 1 and isinstance(args[-1], str), args
+    return list(args[:-1])
+
+
 @pytest.fixture
-def recorder(gunicorn_server: Server) -> Any:
-    rec = ArgsRecorder(gunicorn_server.url)
+def recorder(server: Server) -> Any:
+    rec = ArgsRecorder(server.url)
     yield rec
     rec.client.disconnect()
 
 
-def test_python_client_receives_each_value_as_one_argument(gunicorn_server: Server,
-                                                           recorder: ArgsRecorder) -> None:
+def test_python_client_receives_each_value_as_one_argument(server: Server, recorder: ArgsRecorder) -> None:
     for value in VALUES:
-        publish_raw(gunicorn_server, {"event": "news", "data": value})
-        assert recorder.next() == ("news", (value,)), value
+        publish_raw(server, {"event": "news", "data": value})
+        event, args = recorder.next()
+        assert (event, data_of(server, args)) == ("news", [value]), value
 
 
-def test_a_body_without_data_publishes_null(gunicorn_server: Server, recorder: ArgsRecorder) -> None:
-    publish_raw(gunicorn_server, {"event": "news"})
-    assert recorder.next() == ("news", (None,))
+def test_a_body_without_data_publishes_null(server: Server, recorder: ArgsRecorder) -> None:
+    publish_raw(server, {"event": "news"})
+    event, args = recorder.next()
+    assert (event, data_of(server, args)) == ("news", [None])
 
 
-def test_official_client_receives_each_value_as_one_argument(gunicorn_server: Server,
-                                                             js_client: Any) -> None:
-    client = js_client(gunicorn_server.url, auth={"token": "tok-alice", "organizationId": "org-a"},
+def test_official_client_receives_each_value_as_one_argument(server: Server, js_client: Any) -> None:
+    client = js_client(server.url, auth={"token": "tok-alice", "organizationId": "org-a"},
                        transports=["websocket"])
     client.next("connect")
     for value in VALUES:
-        publish_raw(gunicorn_server, {"event": "news", "data": value})
-        event = client.next("event")
+        publish_raw(server, {"event": "news", "data": value})
         # JSON.stringify of the handler's arguments: [] would mean "no argument".
-        expected = float(value) if isinstance(value, int) and abs(value) > 2**53 else value
-        received = event["args"]
-        if isinstance(expected, float) and not isinstance(value, float):
-            assert len(received) == 1 and received[0] == pytest.approx(expected), value
+        received = data_of(server, client.next("event")["args"])
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            assert len(received) == 1 and received[0] == pytest.approx(float(value)), value
         else:
-            assert received == [expected], value
-    publish_raw(gunicorn_server, {"event": "news"})
-    assert client.next("event")["args"] == [None]
+            assert received == [value], value
+    publish_raw(server, {"event": "news"})
+    assert data_of(server, client.next("event")["args"]) == [None]

@@ -431,7 +431,7 @@ def test_a_reload_hands_official_clients_over_to_the_new_workers(postgres: Any, 
     while publish(srv, "org-a", "news", "after the reload").status_code != 202:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert client.next("event")["args"] == ["after the reload"]
+    assert client.next("event")["args"][:1] == ["after the reload"]
 
 
 def test_with_redis_failures_are_counted_across_instances(postgres: Any, redis_server: Any,

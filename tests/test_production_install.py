@@ -79,7 +79,7 @@ def test_the_readme_production_command_serves(installed: Path, postgres: Any, tm
         # ... and it does its job: a socket is admitted and receives an event.
         client = socketio.Client(reconnection=False)
         received: list[Any] = []
-        client.on("news", received.append)
+        client.on("news", lambda data, *offset: received.append(data))
         client.connect(url, transports=["websocket"], wait_timeout=10,
                        auth={"token": "tok-alice", "organizationId": "org-a"})
         try:

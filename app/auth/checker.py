@@ -156,6 +156,13 @@ class AuthChecker:
                 self._limiter.failed(address)
             raise Refusal("forbidden")
 
+    def is_member(self, organization_id: str, user_id: str) -> bool:
+        """Tell whether the user belongs to the organization (a recovered session's rooms).
+
+        :raise Unavailable: the database did not answer in time
+        """
+        return self._store.is_member(organization_id, user_id)
+
     def refresh(self, token: str, user_id: str, organization_id: str, address: str = "") -> float | None:
         """Check a newer token of the same user; return its expiry (epoch seconds, None: never).
 

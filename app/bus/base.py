@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 
 from app.bus import envelope
-from app.bus.envelope import Marker, Message
+from app.bus.envelope import Marker, Message, Publication
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,60 @@ class Bus:
 
     # --- publishing
 
+    #: keep every publication in the history (recovery of missed events), which assigns its offset
+    recording = False
+
     def publish(self, message: Message) -> None:
         """Send a message to every process of the deployment.
+
+        With ``recording``, a publication is also kept in the history, and
+        the offset the history gives it travels with it, in one round trip.
 
         :raise Unavailable: this process cannot hear the bus, or the bus did not take it
         """
         if self.state in (CONNECTING, DOWN):
             raise Unavailable(f"the {self.name} bus is not connected; retry")
-        self._publish(envelope.encode(message))
+        if self.recording and isinstance(message, Publication) and message.offset is None:
+            self._publish_recorded(message)
+        else:
+            self._publish(envelope.encode(message))
 
     def _publish(self, text: str) -> None:
+        raise NotImplementedError
+
+    def _publish_recorded(self, publication: Publication) -> None:
+        raise NotImplementedError
+
+    # --- history (recovery), for backends that keep it
+
+    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
+        """Events after ``offset`` in any of ``rooms``: (offset, args, except rooms), in order, once each.
+
+        None when the history no longer holds all of them (trimmed by age or count).
+
+        :raise Unavailable: the history did not answer
+        """
+        raise NotImplementedError
+
+    def history_head(self) -> str:
+        """The offset of the newest event kept (the start of a new socket's history).
+
+        :raise Unavailable: the history did not answer
+        """
+        raise NotImplementedError
+
+    def save_sessions(self, records: list[tuple[str, str]]) -> None:
+        """Keep disconnected sessions (pid, JSON record) for the recovery window.
+
+        :raise Unavailable: the store did not answer
+        """
+        raise NotImplementedError
+
+    def take_session(self, pid: str) -> str | None:
+        """Return and forget the record of a disconnected session kept within the window.
+
+        :raise Unavailable: the store did not answer
+        """
         raise NotImplementedError
 
     # --- listening

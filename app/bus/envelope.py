@@ -57,6 +57,8 @@ class Marker:
 Message = Publication | Kick | Marker
 
 VERSION = 1
+#: where a bus backend that keeps history writes the offset it assigns (see ``split_for_offset``)
+OFFSET_SLOT = "#OFFSET#"
 
 
 def encode(message: Message) -> str:
@@ -79,6 +81,19 @@ def encode(message: Message) -> str:
     else:
         body = {"v": VERSION, "k": "marker", "rooms": [], "id": message.id}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def split_for_offset(publication: Publication) -> tuple[str, str]:
+    """The JSON text of a publication around its offset: ``prefix + offset + suffix``.
+
+    For backends that assign the offset in the same round trip that
+    publishes (``args`` is a JSON string inside the envelope, so the slot's
+    unescaped quotes cannot occur in it: the last match is the slot).
+    """
+    text = encode(Publication(publication.rooms, publication.args, publication.except_rooms, OFFSET_SLOT,
+                              publication.source))
+    prefix, _, suffix = text.rpartition(OFFSET_SLOT)
+    return prefix, suffix
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:

@@ -12,6 +12,13 @@ channels backends publish on (``orgcast`` for ``pg_notify``, and the
 source handler. The lock goes with the connection: when the leader dies,
 another worker takes it within ``LEADER_RETRY`` seconds.
 
+With recovery on, every publication is also a row of ``orgcast.history``
+(one per room, all with the offset the publication got from a sequence),
+inserted by the statement that notifies it; disconnected sessions wait in
+``orgcast.sessions``. The leader trims both by age and the history by count
+per room, and notes in ``orgcast.history_trimmed`` how far each room was
+trimmed, so that a recovery that would miss events is refused.
+
 A NOTIFY sent while nobody listens is not kept by Postgres: what is
 published while a listener reconnects is lost for that listener.
 """
@@ -29,6 +36,7 @@ import psycopg2.extensions
 from gevent.socket import wait_read
 
 from app.bus.base import UP, Bus, SourceHandler
+from app.bus.envelope import Publication, split_for_offset
 from app.db import Database
 from app.errors import Unavailable
 
@@ -42,7 +50,9 @@ LEADER_LOCK = 0x6F726763  # "orgc"
 LEADER_RETRY = 2.0
 #: seconds of silence after which the connection is checked with a query
 KEEPALIVE = 5.0
-CLEANUP_EVERY = 30.0
+CLEANUP_EVERY = 10.0
+#: seconds a postgres-emitter attachment is kept (Node's Postgres adapter's cleanupInterval)
+ATTACHMENTS_FOR = 30
 PARKED_FOR = 60
 
 SCHEMA_SQL = """
@@ -52,6 +62,38 @@ CREATE TABLE IF NOT EXISTS orgcast.bus_messages (
     created_at timestamptz NOT NULL DEFAULT now(),
     payload    text NOT NULL
 );
+CREATE SEQUENCE IF NOT EXISTS orgcast.history_id;
+CREATE TABLE IF NOT EXISTS orgcast.history (
+    room         text NOT NULL,
+    id           bigint NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    args         text NOT NULL,
+    except_rooms text[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (room, id)
+);
+CREATE INDEX IF NOT EXISTS history_created_at ON orgcast.history (created_at);
+CREATE TABLE IF NOT EXISTS orgcast.history_trimmed (
+    room    text PRIMARY KEY,
+    through bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orgcast.sessions (
+    pid        text PRIMARY KEY,
+    record     text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+#: the newest object of SCHEMA_SQL: when it exists, the schema is complete
+SCHEMA_LAST = "orgcast.sessions"
+
+_RECORDED = """
+WITH s AS (SELECT nextval('orgcast.history_id') AS id),
+     h AS (INSERT INTO orgcast.history (room, id, args, except_rooms)
+           SELECT r, s.id, %(args)s, %(except)s::text[] FROM s, unnest(%(rooms)s::text[]) AS r)
+"""
+_TRIMMED = """
+INSERT INTO orgcast.history_trimmed (room, through) SELECT room, max(id) FROM gone GROUP BY room
+ON CONFLICT (room) DO UPDATE SET through = GREATEST(orgcast.history_trimmed.through, EXCLUDED.through)
+RETURNING 1
 """
 
 
@@ -62,8 +104,11 @@ class PostgresBus(Bus):
 
     def __init__(self, db: Database, dsn: str, *, carries_bus: bool = True,
                  source_channels: tuple[str, ...] = (), on_source: SourceHandler | None = None,
-                 attachments_table: str | None = None) -> None:
+                 attachments_table: str | None = None, history: tuple[float, int] | None = None) -> None:
         super().__init__()
+        #: (window seconds, events per room) when recovery keeps history here
+        self._history = history if carries_bus else None
+        self.recording = self._history is not None
         self._db = db
         self._dsn = dsn
         #: False when Redis carries the bus: this connection then only hears the sources
@@ -91,6 +136,54 @@ class PostgresBus(Bus):
             "WITH parked AS (INSERT INTO orgcast.bus_messages (payload) VALUES (%(payload)s) RETURNING id) "
             "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) "
             "FROM parked", {"channel": BUS_CHANNEL, "payload": text})
+
+    def _publish_recorded(self, publication: Publication) -> None:
+        prefix, suffix = split_for_offset(publication)
+        params = {"channel": BUS_CHANNEL, "args": publication.args, "except": list(publication.except_rooms),
+                  "rooms": list(publication.rooms) or [""], "prefix": prefix, "suffix": suffix}
+        if len(prefix.encode()) + len(suffix.encode()) + 20 < NOTIFY_LIMIT:
+            sql = _RECORDED + "SELECT pg_notify(%(channel)s, %(prefix)s || s.id::text || %(suffix)s) FROM s"
+        else:
+            sql = _RECORDED + (
+                ", p AS (INSERT INTO orgcast.bus_messages (payload) SELECT %(prefix)s || s.id::text || %(suffix)s "
+                "FROM s RETURNING id) "
+                "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) FROM p")
+        self._db.fetch_one(sql, params)
+
+    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
+        if not offset.isdigit() or len(offset) > 18:
+            return None
+        bounds = self._db.fetch_one(
+            "SELECT (SELECT coalesce(max(through), 0) FROM orgcast.history_trimmed WHERE room = ANY(%(rooms)s)), "
+            "(SELECT last_value FROM orgcast.history_id)", {"rooms": rooms})
+        if bounds is None or int(bounds[0]) > int(offset):
+            return None  # some of what followed the offset is gone
+        if int(offset) > int(bounds[1]):
+            return None  # never given here (another database?)
+        rows = self._db.fetch_all(
+            "SELECT DISTINCT ON (id) id, args, except_rooms FROM orgcast.history "
+            "WHERE room = ANY(%(rooms)s) AND id > %(offset)s ORDER BY id", {"rooms": rooms, "offset": int(offset)})
+        return [(str(i), args, tuple(excepted or ())) for i, args, excepted in rows]
+
+    def history_head(self) -> str:
+        row = self._db.fetch_one("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM orgcast.history_id", {})
+        return str(row[0]) if row is not None else "0"
+
+    def save_sessions(self, records: list[tuple[str, str]]) -> None:
+        if records:
+            self._db.fetch_one(
+                "WITH saved AS (INSERT INTO orgcast.sessions (pid, record) "
+                "SELECT * FROM unnest(%(pids)s::text[], %(records)s::text[]) "
+                "ON CONFLICT (pid) DO UPDATE SET record = EXCLUDED.record, created_at = now() RETURNING 1) "
+                "SELECT count(*) FROM saved", {"pids": [p for p, _ in records], "records": [r for _, r in records]})
+
+    def take_session(self, pid: str) -> str | None:
+        if self._history is None:
+            return None
+        row = self._db.fetch_one(
+            f"DELETE FROM orgcast.sessions WHERE pid = %(pid)s AND created_at > now() - interval "
+            f"'{float(self._history[0])} seconds' RETURNING record", {"pid": pid})
+        return str(row[0]) if row is not None else None
 
     def fetch_attachment(self, table: str, attachment_id: Any) -> bytes | None:
         """Return the payload of a ``@socket.io/postgres-emitter`` attachment, or None.
@@ -120,7 +213,7 @@ class PostgresBus(Bus):
                 self._try_lead(conn)
                 next_leader_try = now + LEADER_RETRY
             if self.leader and now - self._last_cleanup > CLEANUP_EVERY:
-                self._cleanup()
+                self.cleanup()
             try:
                 wait_read(conn.fileno(), timeout=KEEPALIVE if self.leader or not self._source_channels
                           else LEADER_RETRY)
@@ -172,7 +265,7 @@ class PostgresBus(Bus):
 
     def _ensure_schema(self, conn: Any) -> None:
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('orgcast.bus_messages') IS NOT NULL")
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (SCHEMA_LAST,))
             if cur.fetchone()[0]:
                 self.parking = True
                 return
@@ -182,29 +275,43 @@ class PostgresBus(Bus):
                 cur.execute(SCHEMA_SQL)
                 conn.commit()
                 self.parking = True
-                log.info("created orgcast.bus_messages for bus messages over %d bytes", NOTIFY_LIMIT)
+                log.info("created orgcast's schema (bus messages over %d bytes, history, sessions)", NOTIFY_LIMIT)
             except psycopg2.Error as exc:
                 conn.rollback()
                 self.parking = False
-                log.error("cannot create orgcast.bus_messages (%s): bus messages over %d bytes will be "
-                          "refused; grant CREATE on the database or create it (README)",
+                log.error("cannot create orgcast's schema (%s): bus messages over %d bytes and recovery will "
+                          "fail; grant CREATE on the database or create it (README, \"The bus\")",
                           str(exc).strip().splitlines()[0], NOTIFY_LIMIT)
             finally:
                 conn.autocommit = True
 
-    def _cleanup(self) -> None:
+    def cleanup(self) -> None:
+        """Delete what is past its time (the leader, every CLEANUP_EVERY seconds)."""
         self._last_cleanup = time.monotonic()
         try:
             if self.carries_bus and self.parking:
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
                                    f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
                                    {})
+            if self._history is not None:
+                window, size = self._history
+                self._db.fetch_one(
+                    "WITH gone AS (DELETE FROM orgcast.history WHERE created_at < now() - interval "
+                    f"'{float(window)} seconds' RETURNING room, id) " + _TRIMMED, {})
+                self._db.fetch_one(
+                    "WITH ranked AS (SELECT room, id, row_number() OVER (PARTITION BY room ORDER BY id DESC) AS n "
+                    "FROM orgcast.history), gone AS (DELETE FROM orgcast.history h USING ranked r "
+                    "WHERE h.room = r.room AND h.id = r.id AND r.n > %(size)s RETURNING h.room, h.id) " + _TRIMMED,
+                    {"size": size})
+                self._db.fetch_one(
+                    "WITH gone AS (DELETE FROM orgcast.sessions WHERE created_at < now() - interval "
+                    f"'{float(window)} seconds' RETURNING 1) SELECT count(*) FROM gone", {})
             if self._attachments_table and self._db.fetch_one(
                     "SELECT 1 WHERE to_regclass(%(table)s) IS NOT NULL", {"table": self._attachments_table}):
                 # What the Node Postgres adapter did for its emitters' attachments.
                 self._db.fetch_one(
                     f"WITH gone AS (DELETE FROM {_quote_table(self._attachments_table)} WHERE created_at < "
-                    f"now() - interval '{int(CLEANUP_EVERY)} seconds' RETURNING 1) SELECT count(*) FROM gone", {})
+                    f"now() - interval '{ATTACHMENTS_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone", {})
         except Unavailable as exc:
             log.debug("cleanup skipped: %s", exc.message)
 

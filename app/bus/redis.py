@@ -9,11 +9,20 @@ renews), also pattern-subscribes to the channels of the Socket.IO Redis
 emitters (``<prefix>#*``, ``<prefix>-request#*``) and hands each message to
 the source handler. When the leader dies its key expires and another worker
 takes it within ``LOCK_TTL`` seconds.
+
+With recovery on, a Lua script keeps each publication in one stream per
+room (``orgcast:history:<room>``, trimmed by count and by age, expiring
+when idle) under an ID it assigns from Redis's clock — the same for every
+room, increasing across all of them — and publishes it with that ID as its
+offset, in one round trip. Disconnected sessions wait in keys that expire
+with the recovery window.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +31,7 @@ from typing import Any
 import redis
 
 from app.bus.base import UP, Bus, SourceHandler
+from app.bus.envelope import Publication, split_for_offset
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,64 @@ LOCK_RENEW = 1.0
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
           "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+HISTORY_PREFIX = "orgcast:history:"
+#: how far each room's stream was trimmed (Redis's own max-deleted-entry-id
+#: only follows XDEL, not trimming)
+TRIMMED_PREFIX = "orgcast:history-trimmed:"
+SESSION_PREFIX = "orgcast:session:"
+# KEYS: the last-id key, then per room its stream and its trimmed mark. ARGV:
+# window ms, events per room, args, except rooms (JSON), channel, envelope
+# prefix, envelope suffix. Trimming is done here, not by XADD's MAXLEN, to
+# know the newest ID it removes.
+_RECORD = """
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = 0
+local last = redis.call('GET', KEYS[1])
+if last then
+  local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+  lms = tonumber(lms)
+  if ms <= lms then ms = lms; seq = tonumber(lseq) + 1 end
+end
+local id = ms .. '-' .. seq
+redis.call('SET', KEYS[1], id)
+local size = tonumber(ARGV[2])
+local oldest = (ms - tonumber(ARGV[1])) .. '-0'
+for i = 2, #KEYS, 2 do
+  redis.call('XADD', KEYS[i], id, 'a', ARGV[3], 'x', ARGV[4])
+  local gone = nil
+  local over = redis.call('XLEN', KEYS[i]) - size
+  if over > 0 then gone = redis.call('XRANGE', KEYS[i], '-', '+', 'COUNT', over)[over][1] end
+  local old = redis.call('XREVRANGE', KEYS[i], '(' .. oldest, '-', 'COUNT', 1)[1]
+  if old then
+    local oms, oseq = string.match(old[1], '^(%d+)-(%d+)$')
+    local gms, gseq = 0, 0
+    if gone then gms, gseq = string.match(gone, '^(%d+)-(%d+)$') end
+    if tonumber(oms) > tonumber(gms) or (tonumber(oms) == tonumber(gms) and tonumber(oseq) > tonumber(gseq)) then
+      gone = old[1]
+    end
+  end
+  if gone then
+    local gms, gseq = string.match(gone, '^(%d+)-(%d+)$')
+    redis.call('XTRIM', KEYS[i], 'MINID', gms .. '-' .. (tonumber(gseq) + 1))
+    redis.call('SET', KEYS[i + 1], gone, 'PX', 2 * tonumber(ARGV[1]))
+  else
+    redis.call('PEXPIRE', KEYS[i + 1], 2 * tonumber(ARGV[1]))
+  end
+  -- idle twice the window: no client that may still be recovered missed any of it
+  redis.call('PEXPIRE', KEYS[i], 2 * tonumber(ARGV[1]))
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. id .. ARGV[7])
+return id
+"""
+
+
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class RedisBus(Bus):
@@ -40,8 +108,11 @@ class RedisBus(Bus):
     name = "redis"
 
     def __init__(self, url: str, *, timeout: float, emitter_prefix: str,
-                 on_source: SourceHandler | None = None) -> None:
+                 on_source: SourceHandler | None = None, history: tuple[float, int] | None = None) -> None:
         super().__init__()
+        #: (window seconds, events per room) when recovery keeps history here
+        self._history = history
+        self.recording = history is not None
         self._url = url
         self._timeout = timeout
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -50,6 +121,7 @@ class RedisBus(Bus):
         self._token = secrets.token_hex(8)
         self.on_source = on_source
         self._pubsub: Any = None
+        self._record = self._client.register_script(_RECORD)
 
     def _publish(self, text: str) -> None:
         try:
@@ -57,6 +129,77 @@ class RedisBus(Bus):
         except (redis.RedisError, OSError) as exc:
             log.warning("redis publish failed: %s", type(exc).__name__)
             raise Unavailable("redis did not take the message; retry") from None
+
+    def _publish_recorded(self, publication: Publication) -> None:
+        assert self._history is not None
+        window, size = self._history
+        prefix, suffix = split_for_offset(publication)
+        keys = [HISTORY_PREFIX + "last"]
+        for room in publication.rooms or ("",):
+            keys += (HISTORY_PREFIX + room, TRIMMED_PREFIX + room)
+        try:
+            self._record(keys=keys, args=[int(window * 1000), size, publication.args,
+                                          json.dumps(list(publication.except_rooms)), BUS_CHANNEL, prefix, suffix])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis publish failed: %s", type(exc).__name__)
+            raise Unavailable("redis did not take the message; retry") from None
+
+    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
+        if not _STREAM_ID.fullmatch(offset) or self._history is None:
+            return None
+        size = self._history[1]
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(HISTORY_PREFIX + "last")
+            for room in rooms:
+                pipe.get(TRIMMED_PREFIX + room)
+                pipe.xrange(HISTORY_PREFIX + room, min="(" + offset, count=size + 1)
+            answers = pipe.execute(raise_on_error=False)
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+        events: dict[tuple[int, int], tuple[str, str, tuple[str, ...]]] = {}
+        last = answers.pop(0)
+        if isinstance(last, Exception):
+            raise Unavailable("redis did not answer the history")
+        if _id_key(offset) > _id_key(last.decode() if last else "0-0"):
+            return None  # never given here (another Redis?)
+        for trimmed, entries in zip(answers[0::2], answers[1::2], strict=True):
+            if isinstance(entries, Exception) or isinstance(trimmed, Exception):
+                raise Unavailable("redis did not answer the history")
+            if trimmed and _id_key(trimmed.decode()) > _id_key(offset):
+                return None  # some of what followed the offset was trimmed
+            for entry_id, fields in entries:
+                key = entry_id.decode()
+                events[_id_key(key)] = (key, fields[b"a"].decode(), tuple(json.loads(fields.get(b"x", b"[]"))))
+        return [events[k] for k in sorted(events)]
+
+    def history_head(self) -> str:
+        try:
+            last = self._client.get(HISTORY_PREFIX + "last")
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+        return last.decode() if isinstance(last, bytes) else "0-0"
+
+    def save_sessions(self, records: list[tuple[str, str]]) -> None:
+        if not records or self._history is None:
+            return
+        ttl = max(1, int(self._history[0]))
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for pid, record in records:
+                pipe.set(SESSION_PREFIX + pid, record, ex=ttl)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+
+    def take_session(self, pid: str) -> str | None:
+        if self._history is None:
+            return None
+        try:
+            record = self._client.getdel(SESSION_PREFIX + pid)
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+        return record.decode() if isinstance(record, bytes) else None
 
     def _listen(self) -> None:
         listener = redis.Redis.from_url(self._url, socket_timeout=None, socket_connect_timeout=self._timeout,

@@ -133,6 +133,8 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         self._ping_seq = 0
         self._pending: deque[tuple[Any, tuple[Any, ...]]] | None = None
         self._runner: gevent.Greenlet | None = None
+        #: while the socket is being recovered: what was published for it meanwhile (realtime/fanout.py)
+        self.held: list[Any] | None = None
 
     # --- heartbeat
 

@@ -5,6 +5,11 @@ is encoded once and framed once; the same frame is written to every
 WebSocket recipient (server frames are not masked, so it is the same bytes
 for all), and the same packet object, encoded once, is queued for polling
 ones. Rooms are python-socketio's.
+
+With recovery on, the publication's offset is the packet's last argument —
+the same for every recipient, so the frame is still built once. A socket
+being recovered is *held*: what arrives for it waits until the events it
+missed have been sent (``hold`` / ``release``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from app.realtime.websocket import encode_frame
 log = logging.getLogger(__name__)
 
 
+def _packet_text(args: str, offset: str | None) -> str:
+    """The Socket.IO EVENT packet on "/": ``2[event, ...args]``, the offset appended when there is one."""
+    if offset is None:
+        return "2" + args
+    return "2" + args[:-1] + ',"' + offset + '"]'
+
+
 class Fanout:
     """Deliver publications and kicks to the sockets of this process."""
 
@@ -29,6 +41,8 @@ class Fanout:
         self._sio = sio
         self._on_forget = on_forget
         self.delivered = 0
+        #: the offset of the last publication heard (where a new socket's history starts)
+        self.head: str | None = None
 
     def handle(self, message: Message) -> None:
         """Act on one bus message."""
@@ -39,10 +53,13 @@ class Fanout:
 
     def deliver(self, publication: Publication) -> int:
         """Write a publication to every local socket it is for; return how many."""
+        offset = publication.offset
+        if offset is not None:
+            self.head = offset
         recipients = self._recipients(publication.rooms, publication.except_rooms)
         if not recipients:
             return 0
-        text = "2" + publication.args  # Socket.IO EVENT on "/": 2[event, ...args]
+        text = _packet_text(publication.args, offset)
         pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
         frame = encode_frame(("4" + text).encode())
         sockets = self._sio.eio.sockets
@@ -50,6 +67,9 @@ class Fanout:
         for eio_sid in recipients:
             sock = sockets.get(eio_sid)
             if sock is None or sock.closed:
+                continue
+            if sock.held is not None:
+                sock.held.append((offset, pkt))
                 continue
             ws = sock.ws
             if ws is not None and not sock.upgrading:
@@ -60,11 +80,36 @@ class Fanout:
         self.delivered += count
         return count
 
-    def to_socket(self, sid: str, args: str) -> bool:
-        """Send one event (``args``: the JSON of ``[event, data]``) to one local socket."""
+    def hold(self, sid: str) -> None:
+        """Keep what is published for socket ``sid`` until ``release``."""
+        sock = self._session(sid)
+        if sock is not None:
+            sock.held = []
+
+    def release(self, sid: str, missed: list[tuple[str, str]]) -> None:
+        """Send ``missed`` (offset, args), then what was held for ``sid`` and is not among them."""
+        sock = self._session(sid)
+        if sock is None:
+            return
+        held, sock.held = sock.held or [], None
+        sent = set()
+        for offset, args in missed:
+            sock.send(eio_packet.Packet(eio_packet.MESSAGE, _packet_text(args, offset)))
+            sent.add(offset)
+        for offset, pkt in held:
+            if offset is None or offset not in sent:
+                sock.send(pkt)
+        self.delivered += len(missed) + len(held)
+
+    def _session(self, sid: str) -> Any:
         eio_sid = self._sio.manager.eio_sid_from_sid(sid, NAMESPACE)
         sock = self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
-        if sock is None or sock.closed:
+        return None if sock is None or sock.closed else sock
+
+    def to_socket(self, sid: str, args: str) -> bool:
+        """Send one event (``args``: the JSON of ``[event, data]``) to one local socket."""
+        sock = self._session(sid)
+        if sock is None:
             return False
         sock.send(eio_packet.Packet(eio_packet.MESSAGE, "2" + args))
         return True

@@ -34,6 +34,7 @@ from app.auth.checker import AuthChecker, Principal
 from app.errors import Refusal, Unavailable, ack_error, connect_error
 from app.realtime.expiry import ExpiryClock, iso_utc
 from app.realtime.fanout import Fanout
+from app.realtime.recovery import RECOVERABLE, Recovery, Saved
 from app.realtime.rooms import organization_room, user_room
 from app.realtime.server import ADDRESS_KEY
 from app.realtime.timers import Timers
@@ -56,6 +57,20 @@ class Session:
     #: the organization it connected to, then those it subscribed to
     organizations: list[str] = field(default_factory=list)
     expires_at: float | None = None
+    #: its private session id (recovery on), and the offset its history starts after
+    pid: str | None = None
+    head: str | None = None
+
+
+@dataclass
+class Admission:
+    """An accepted CONNECT, before its socket is admitted."""
+
+    principal: Principal
+    address: str
+    organizations: list[str]
+    #: (pid, old sid, offset) when its session is being recovered
+    recovering: tuple[str, str, str] | None = None
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
@@ -65,10 +80,13 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
     client_events: frozenset[str] = frozenset({"subscribe", "unsubscribe", "refresh"})
 
     def __init__(self, checker: AuthChecker, fanout: Fanout, timers: Timers, *, expiry_warning: float,
-                 max_subscriptions: int, max_sockets_per_user: int, namespace: str = "/") -> None:
+                 max_subscriptions: int, max_sockets_per_user: int, recovery: Recovery | None = None,
+                 namespace: str = "/") -> None:
         super().__init__(namespace)
         self._checker = checker
         self._fanout = fanout
+        self._recovery = recovery
+        self._closing_all: list[tuple[str, Saved]] | None = None
         self._max_subscriptions = max_subscriptions
         self._max_per_user = max_sockets_per_user
         self._expiry = ExpiryClock(timers, expiry_warning, self._warn_expiring, self._expired)
@@ -76,9 +94,13 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self.sessions: dict[str, Session] = {}
         self._per_user: Counter[str] = Counter()
 
-    # --- connect and disconnect
+    # --- connect and disconnect (called by realtime/server.py's _handle_connect)
 
-    def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+    def admission(self, environ: dict[str, Any], auth: Any) -> Admission:
+        """Check a CONNECT: who is it, may it listen, and can its session be recovered.
+
+        :raise ConnectionRefusedError: (Socket.IO's) the refusal, in wire form
+        """
         address = environ.get(ADDRESS_KEY) or environ.get("REMOTE_ADDR", "-")
         started = time.monotonic()
         try:
@@ -93,17 +115,83 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             # A bug must not read as a client error: refuse as retryable.
             log.exception("connect check failed")
             raise refusal_to_wire(Unavailable()) from None
-        self._admit(sid, principal, address)
+        admission = Admission(principal, address, [principal.organization_id])
+        if self._recovery is not None:
+            try:
+                if self._fanout.head is None:
+                    # This worker has heard no event yet: where does a new socket's
+                    # history start? (asked until it hears one or gets an answer)
+                    self._fanout.head = self._fanout.head or self._recovery.head()
+                if isinstance(auth, dict) and "pid" in auth:
+                    self._prepare_recovery(admission, auth)
+            except Exception:
+                log.exception("recovery check failed: connecting without recovery")
+                admission.recovering = None
+        return admission
+
+    def _prepare_recovery(self, admission: Admission, auth: dict[str, Any]) -> None:
+        assert self._recovery is not None
+        saved = self._recovery.take(auth.get("pid"))
+        if saved is None or saved.user_id != admission.principal.user_id:
+            return
+        offset = auth.get("offset")
+        offset = offset if isinstance(offset, str) and offset else saved.head
+        if offset is None:
+            return
+        # Only the organizations the user still belongs to come back.
+        for organization_id in saved.organizations:
+            if organization_id in admission.organizations or len(admission.organizations) >= self._max_subscriptions:
+                continue
+            try:
+                if self._checker.is_member(organization_id, admission.principal.user_id):
+                    admission.organizations.append(organization_id)
+            except Unavailable:
+                return  # cannot check: connect without recovery
+        admission.recovering = (auth["pid"], saved.sid, offset)
+
+    def admit(self, sid: str, admission: Admission) -> list[tuple[str, str]] | None:
+        """Admit the socket into its rooms; if it is recovering, return what it missed (None: not recovered).
+
+        While the history is read, what is published to its rooms waits for it (held).
+        """
+        principal = admission.principal
+        recovering = admission.recovering
+        pid = recovering[0] if recovering is not None else (self._recovery.new_pid() if self._recovery else None)
+        self.sessions[sid] = Session(principal.user_id, admission.address, admission.organizations,
+                                     principal.expires_at, pid, self._fanout.head)
+        self._per_user[principal.user_id] += 1
+        rooms = self._rooms_of(sid)
+        if recovering is not None:
+            self._fanout.hold(sid)
+        for room in rooms:
+            self.enter_room(sid, room)
+        self._expiry.track(sid, principal.expires_at)
         log.debug("admitted socket %s: user %s, organization %s", sid, principal.user_id,
                   principal.organization_id)
+        if recovering is None or self._recovery is None:
+            return None
+        try:
+            missed = self._recovery.missed(recovering[2], rooms)
+        except Exception:
+            log.exception("reading the history failed: not recovered")
+            missed = None
+        if missed is None:
+            self.sessions[sid].pid = self._recovery.new_pid()  # not recovered: a new session
+        return missed
 
-    def _admit(self, sid: str, principal: Principal, address: str) -> None:
-        self.sessions[sid] = Session(principal.user_id, address, [principal.organization_id],
-                                     principal.expires_at)
-        self._per_user[principal.user_id] += 1
-        self.enter_room(sid, organization_room(principal.organization_id))
-        self.enter_room(sid, user_room(principal.user_id))
-        self._expiry.track(sid, principal.expires_at)
+    def replay(self, sid: str, missed: list[tuple[str, str]] | None) -> None:
+        """Send what a recovered socket missed, then what was held for it meanwhile."""
+        self._fanout.release(sid, missed or [])
+        if missed is not None:
+            log.info("socket %s recovered: %d missed events", sid, len(missed))
+
+    def pid_of(self, sid: str) -> str | None:
+        session = self.sessions.get(sid)
+        return session.pid if session is not None else None
+
+    def _rooms_of(self, sid: str) -> list[str]:
+        session = self.sessions[sid]
+        return [*(organization_room(o) for o in session.organizations), user_room(session.user_id)]
 
     def on_disconnect(self, sid: str, reason: Any = None) -> None:
         session = self.sessions.pop(sid, None)
@@ -113,6 +201,28 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self._per_user[session.user_id] -= 1
         if self._per_user[session.user_id] <= 0:
             del self._per_user[session.user_id]
+        if self._recovery is not None and session.pid is not None and (
+                reason in RECOVERABLE or self._closing_all is not None):
+            saved = Saved(sid, session.user_id, session.organizations, session.head, time.time())
+            if self._closing_all is not None:
+                self._closing_all.append((session.pid, saved))
+            else:
+                self._recovery.save([(session.pid, saved)])
+
+    def closing_all(self) -> Any:
+        """A context for a worker closing every session: keep them all in one write."""
+        namespace = self
+
+        class _Batch:
+            def __enter__(self) -> None:
+                namespace._closing_all = []
+
+            def __exit__(self, *exc: Any) -> None:
+                batch, namespace._closing_all = namespace._closing_all or [], None
+                if batch and namespace._recovery is not None:
+                    namespace._recovery.save(batch)
+
+        return _Batch()
 
     # --- client events
 

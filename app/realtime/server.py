@@ -165,6 +165,12 @@ class RoomsManager(socketio.Manager):  # type: ignore[misc]
     def get_rooms(self, sid: str, namespace: str) -> list[Any]:
         return [room for room in self._rooms_of.get(namespace, {}).get(sid, ()) if room is not None]
 
+    def pre_connect_as(self, sid: str, eio_sid: str, namespace: str) -> None:
+        """python-socketio's pre_connect with a given sid (a recovered socket keeps its id)."""
+        self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
+        self.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
+        self.pending_connect.setdefault(namespace, []).append(sid)
+
 
 class SocketServer(socketio.Server):  # type: ignore[misc]
     """python-socketio's server on ``EngineServer``, with the rules above."""
@@ -254,13 +260,43 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         """Close every Engine.IO session of this process; return how many.
 
         Clients see their transport close (not a namespace disconnect) and
-        reconnect at once, to another worker: what a worker does before it stops.
+        reconnect at once, to another worker, which can recover their
+        sessions: what a worker does before it stops.
         """
         sessions = list(self.eio.sockets.values())
-        for session in sessions:
-            session.close(wait=False, abort=False, reason=self.eio.reason.SERVER_DISCONNECT)
+        with self.namespace_handlers[NAMESPACE].closing_all():
+            for session in sessions:
+                session.close(wait=False, abort=False, reason=self.eio.reason.SERVER_DISCONNECT)
         log.info("closed %d sessions before stopping", len(sessions))
         return len(sessions)
+
+    def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
+        """Admit a CONNECT to "/" (python-socketio's, in orgcast's order).
+
+        The namespace checks it (and whether its session is recovered) before
+        the socket exists; the ack carries the private session id, and a
+        recovered socket then receives what it missed before anything new.
+        """
+        handler = self.namespace_handlers[NAMESPACE]
+        try:
+            admission = handler.admission(self.environ.get(eio_sid, {}), data)
+        except socketio.exceptions.ConnectionRefusedError as exc:
+            self._send_packet(eio_sid, self.packet_class(sio_packet.CONNECT_ERROR, data=exc.error_args,
+                                                         namespace=NAMESPACE))
+            return
+        session = self.eio.sockets.get(eio_sid)
+        if session is None or session.closed:
+            return  # the client left during the check
+        old_sid = admission.recovering[1] if admission.recovering else None
+        sid = old_sid if old_sid and self.manager.eio_sid_from_sid(old_sid, NAMESPACE) is None \
+            else self.eio.generate_id()
+        self.manager.pre_connect_as(sid, eio_sid, NAMESPACE)
+        missed = handler.admit(sid, admission)
+        pid = handler.pid_of(sid)
+        ack: dict[str, Any] = {"sid": sid} if pid is None else {"sid": sid, "pid": pid}
+        self._send_packet(eio_sid, self.packet_class(sio_packet.CONNECT, ack, namespace=NAMESPACE))
+        self.manager.connect(sid, NAMESPACE)
+        handler.replay(sid, missed)
 
     # --- packets
 

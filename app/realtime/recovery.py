@@ -1,0 +1,114 @@
+"""Connection state recovery: a client that reconnects gets the events it missed.
+
+Socket.IO's own protocol, as socket.io-client 4.6+ speaks it by itself:
+
+- the CONNECT ack carries a private session id: ``40{"sid", "pid"}``;
+- every event carries its offset as its last argument (the client keeps the
+  last one it saw);
+- on reconnect the client sends ``{pid, offset}`` in its CONNECT payload; if
+  the server recovers the session it answers with the same ``pid`` (the
+  client then sets ``socket.recovered = true``), sends the events after
+  ``offset`` and keeps the socket id.
+
+The history lives in the bus backend, where every worker and instance reads
+it (``bus.history_since``); a session is kept there when its transport dies
+(``bus.save_sessions``), for ``ORGCAST_RECOVERY_WINDOW`` seconds, and taken
+once. Recovery runs after the same authorization as any connect, and only
+restores the organizations the user still belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+#: disconnect reasons after which a session may be recovered (Node: RECOVERABLE_DISCONNECT_REASONS)
+RECOVERABLE = frozenset({"transport close", "transport error", "ping timeout", "server shutting down"})
+
+
+class HistoryStore(Protocol):
+    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None: ...
+    def history_head(self) -> str: ...
+    def save_sessions(self, records: list[tuple[str, str]]) -> None: ...
+    def take_session(self, pid: str) -> str | None: ...
+
+
+@dataclass
+class Saved:
+    """What is kept of a disconnected session."""
+
+    sid: str
+    user_id: str
+    organizations: list[str]
+    #: the offset to replay from when the client saw no event (the head when it connected)
+    head: str | None
+    disconnected_at: float
+
+
+class Recovery:
+    """Issue pids, keep disconnected sessions, find what a returning client missed."""
+
+    def __init__(self, store: HistoryStore, window: float, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._window = window
+        self._clock = clock
+
+    @staticmethod
+    def new_pid() -> str:
+        """A private session id (only the client it was given to knows it)."""
+        return secrets.token_urlsafe(12)
+
+    def head(self) -> str | None:
+        """The newest offset of the history, None when it does not answer."""
+        try:
+            return self._store.history_head()
+        except Unavailable as exc:
+            log.warning("history head unknown: %s", exc.message)
+            return None
+
+    def take(self, pid: Any) -> Saved | None:
+        """The kept session of ``pid``, if it is kept and within the window (taken once)."""
+        if not isinstance(pid, str) or not 0 < len(pid) <= 64:
+            return None
+        try:
+            record = self._store.take_session(pid)
+        except Unavailable as exc:
+            log.warning("recovery skipped: %s", exc.message)
+            return None
+        if record is None:
+            return None
+        try:
+            saved = Saved(**json.loads(record))
+        except (ValueError, TypeError):
+            return None
+        if self._clock() - saved.disconnected_at > self._window:
+            return None
+        return saved
+
+    def save(self, sessions: list[tuple[str, Saved]]) -> None:
+        """Keep disconnected sessions for the window; losing them only costs their recovery."""
+        try:
+            self._store.save_sessions([(pid, json.dumps(asdict(saved))) for pid, saved in sessions])
+        except Unavailable as exc:
+            log.warning("%d sessions not kept for recovery: %s", len(sessions), exc.message)
+
+    def missed(self, offset: str, rooms: list[str]) -> list[tuple[str, str]] | None:
+        """Events after ``offset`` for a socket in ``rooms``: (offset, args), in order; None: not recoverable."""
+        try:
+            events = self._store.history_since(offset, rooms)
+        except Unavailable as exc:
+            log.warning("recovery skipped: %s", exc.message)
+            return None
+        if events is None:
+            return None
+        mine = set(rooms)
+        return [(at, args) for at, args, excepted in events if not mine.intersection(excepted)]
