@@ -323,10 +323,10 @@ class Settings:
         "more are refused 429 `rate_limited`",
         _pos_int)
     trusted_proxies: tuple[str, ...] = setting(
-        "ORGCAST_TRUSTED_PROXIES", "127.0.0.1,::1",
+        "ORGCAST_TRUSTED_PROXIES", "",
         "comma-separated addresses or CIDRs of reverse proxies whose `X-Forwarded-For` names the client "
-        "(the default trusts a proxy on this host, as gunicorn's `forwarded_allow_ips`); other peers are "
-        "the client whatever header they send",
+        "(`127.0.0.1` for an nginx on this host); other peers, and every peer when empty, are the client "
+        "whatever header they send",
         _networks)
     recovery: bool = setting(
         "ORGCAST_RECOVERY", "true",

@@ -322,13 +322,13 @@ def test_two_instances_of_two_workers_behind_nginx_deliver_exactly_once(
 
 def test_rate_limiting_counts_each_client_behind_nginx_apart(postgres: ThrowawayPostgres,
                                                               gunicorn_factory: Any, tmp_path: Path) -> None:
-    """README's nginx sends X-Forwarded-For; the default ORGCAST_TRUSTED_PROXIES
-    trusts this host's nginx, so failures count per client, not per proxy."""
+    """README's nginx sends X-Forwarded-For; with ORGCAST_TRUSTED_PROXIES naming
+    it as the README says, failures count per client, not per proxy."""
     import json as jsonlib
 
     from protocol import RawSession
 
-    server = gunicorn_factory(base_env(postgres, ORGCAST_AUTH_FAILURES="3"))
+    server = gunicorn_factory(base_env(postgres, ORGCAST_AUTH_FAILURES="3", ORGCAST_TRUSTED_PROXIES="127.0.0.1"))
     nginx = start_nginx(tmp_path / "nginx", server.port)
 
     def attempt(token: str, source: str) -> str:
