@@ -77,7 +77,9 @@ typecheck: venv
 pytest: venv
 	$(BIN)/pytest -q
 
+# bench also builds shared/tools/loadgen-c (in a temporary folder) with gcc.
 bench: system-deps venv
+	@$(MAKE) --no-print-directory apt-missing PKGS="gcc"
 	$(BIN)/python bench/run.py
 
 clean:
