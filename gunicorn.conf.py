@@ -6,8 +6,11 @@ variable instead of a worker crash loop.
 """
 
 import gc
+import os
 import resource
+import shutil
 import sys
+import tempfile
 
 from app.config import ConfigError, load_settings
 
@@ -61,6 +64,48 @@ control_socket_disable = True
 
 
 def on_starting(server):
+    """Raise the open-file limit, and set up the directory the workers share their metrics in."""
+    _raise_open_files(server)
+    _metrics_dir(server)
+
+
+#: the metrics directory this master made itself (removed at exit)
+_made_metrics_dir = []
+
+
+def _metrics_dir(server):
+    """prometheus-client's multiprocess mode: one directory for every worker's values.
+
+    Set before any worker starts (each reads PROMETHEUS_MULTIPROC_DIR when it
+    imports prometheus_client), emptied of a previous run's files, so that a
+    scrape sums this run's workers only.
+    """
+    path = _settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+    else:
+        path = tempfile.mkdtemp(prefix="orgcast-metrics-")
+        _made_metrics_dir.append(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    server.log.info("metrics of the workers in %s", path)
+
+
+def child_exit(server, worker):
+    """A worker is gone (exited, or killed): its live gauges (connected sockets) stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    for path in _made_metrics_dir:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _raise_open_files(server):
     """Raise the open-file limit so worker_connections sockets can be opened.
 
     Many systems start services with a soft limit of 1,024 descriptors: the

@@ -59,26 +59,33 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.auth.checker import AuthChecker
     from app.auth.ratelimit import FailureCounter, RedisFailureCounter
     from app.auth.store import AuthStore
+    from app.bus.cluster import Cluster
+    from app.bus.envelope import Kick, Publication
     from app.bus.postgres import PostgresBus
     from app.config import ConfigError, load_settings
     from app.db import Database
     from app.http import Services, register
     from app.http.api import ServerApi
+    from app.metrics import Metrics
     from app.publish.pg_notify import PostgresSource
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
+    from app.realtime.presence import Presence
     from app.realtime.recovery import Recovery
     from app.realtime.server import RoomsManager, build_server, build_wsgi
+    from app.realtime.stats import WorkerStats, summarize
     from app.realtime.timers import Timers
+    from app.realtime.websocket import WebSocket
 
     if settings is None:
         settings = load_settings()
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL: required (a postgresql:// URL of the application database)")
 
+    metrics = Metrics(__version__)
     db = Database(settings.database_url, pool_size=settings.db_pool_size,
-                  timeout=settings.db_timeout, timezone=settings.db_timezone)
+                  timeout=settings.db_timeout, timezone=settings.db_timezone, observer=metrics.query)
     limiter: Any = FailureCounter(settings.auth_failures, settings.auth_failure_window)
     if settings.redis_url:
         # Shared by every worker and instance (README, "Brute force").
@@ -90,11 +97,13 @@ def create_app(settings: Settings | None = None) -> Any:
             f"{settings.emitter_prefix}:orgcast:failures:", settings.auth_failures, settings.auth_failure_window)
     checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
                           cache_ttl=settings.auth_cache_ttl, limiter=limiter, waiter=AsyncResult,
-                          wait_timeout=settings.db_timeout + 1)
+                          wait_timeout=settings.db_timeout + 1, observer=metrics)
 
     timers = Timers()
     sio = build_server(settings, RoomsManager(), timers)
-    fanout = Fanout(sio, on_forget=checker.forget_user)
+    sio.on_pending_refused = metrics.pending_refused
+    WebSocket.on_slow_consumer = metrics.slow_consumer
+    fanout = Fanout(sio, on_forget=checker.forget_user, observer=metrics)
     # The bus: Redis with REDIS_URL, else Postgres. Postgres always hears the
     # backends that publish in SQL (in the leader process).
     prefix = settings.emitter_prefix
@@ -111,22 +120,64 @@ def create_app(settings: Settings | None = None) -> Any:
 
         bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix, history=history)
         checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
-    publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast)
-    sio.register_namespace(OrgcastNamespace(
+    for listener in {postgres, bus}:
+        listener.observer = metrics
+        metrics.buses(listener.name)
+    publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast, observer=metrics)
+
+    # Every worker of every instance, over the bus: /admin/stats and presence.
+    cluster = Cluster(bus, timeout=settings.cluster_timeout)
+
+    def session_of(sid: str) -> Any:
+        return namespace.sessions.get(sid)
+
+    presence = Presence(
+        cluster, members=fanout.members,
+        user_of=lambda sid: getattr(session_of(sid), "user_id", None),
+        organizations_of=lambda sid: list(getattr(session_of(sid), "organizations", ())),
+        store=bus if settings.presence_events else None,
+        emitter=publisher if settings.presence_events else None)
+    cluster.answer("presence.organization", presence.organization_here)
+    cluster.answer("presence.user", presence.user_here)
+    cluster.on_gone.append(presence.forget)
+    cluster.on_taken_for_gone.append(presence.taken_for_gone)
+    namespace = OrgcastNamespace(
         checker, fanout, timers, expiry_warning=settings.expiry_warning,
         max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user,
-        recovery=Recovery(bus, settings.recovery_window) if settings.recovery else None))
-    postgres.on_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
-                                        postgres.fetch_attachment).handle
+        recovery=Recovery(bus, settings.recovery_window) if settings.recovery else None, observer=metrics,
+        presence=presence if presence.events else None)
+    sio.register_namespace(namespace)
+    sql_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
+                                postgres.fetch_attachment)
+    sql_source.drops.on_drop = metrics.source_drop
+    postgres.on_source = sql_source.handle
     runtime = Runtime()
     checks["bus"] = bus.probe
     if settings.redis_url:
-        bus.on_source = RedisEmitterSource(publisher, prefix).handle
+        redis_source = RedisEmitterSource(publisher, prefix)
+        redis_source.drops.on_drop = metrics.source_drop
+        bus.on_source = redis_source.handle
         checks["sql_publishing"] = postgres.probe
         runtime.starters.append(lambda: postgres.start(lambda message: None))
         runtime.stoppers.append(postgres.stop)
-    runtime.starters.append(lambda: bus.start(fanout.handle))
-    runtime.stoppers.append(bus.stop)
+
+    worker_stats = WorkerStats(
+        peer=cluster.peer, sockets=lambda: len(namespace.sessions), organizations=fanout.organization_sizes,
+        bus=bus.stats, auth=lambda: {"cached": checker.cached}, tally=metrics.tally)
+    cluster.answer("stats", worker_stats.answer)
+
+    def on_bus(message: Any) -> None:
+        if isinstance(message, (Publication, Kick)):
+            fanout.handle(message)
+        else:
+            cluster.handle(message)
+
+    def stats() -> dict[str, Any]:
+        answers = cluster.ask("stats")
+        return summarize(answers.by_peer, answers.partial, answers.latency_ms)
+
+    runtime.starters += [lambda: bus.start(on_bus), cluster.start, worker_stats.start, presence.start]
+    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop]
 
     def drain(timeout: float) -> None:
         # Everything accepted (202) before the signal was published on the bus
@@ -140,13 +191,16 @@ def create_app(settings: Settings | None = None) -> Any:
     flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_payload
     flask_app.json.sort_keys = False  # type: ignore[attr-defined]
     register(flask_app, Services(settings=settings, publisher=publisher, checks=checks,
-                                 version=__version__))
+                                 version=__version__, metrics=metrics.render, stats=stats,
+                                 on_readiness=metrics.readiness))
 
-    api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app)
+    api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app, presence=presence)
     wsgi = build_wsgi(sio, api, settings)
     # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
     wsgi.runtime = runtime  # type: ignore[attr-defined]
     wsgi.flask_app = flask_app  # type: ignore[attr-defined]
     wsgi.sio = sio  # type: ignore[attr-defined]
     wsgi.bus = bus  # type: ignore[attr-defined]
+    wsgi.metrics = metrics  # type: ignore[attr-defined]
+    wsgi.cluster = cluster  # type: ignore[attr-defined]
     return wsgi

@@ -374,6 +374,21 @@ class Settings:
         "ORGCAST_LOG_LEVEL", "info", "one of debug, info, warning, error", _choice(LOG_LEVELS))
     log_format: str = setting(
         "ORGCAST_LOG_FORMAT", "text", "`text` or `json` (one object a line)", _choice(LOG_FORMATS))
+    metrics_auth: bool = setting(
+        "ORGCAST_METRICS_AUTH", "false",
+        "`GET /metrics` asks for an API key (`Authorization: Bearer`), as `/admin` does", _bool)
+    metrics_dir: str = setting(
+        "ORGCAST_METRICS_DIR", "",
+        "directory gunicorn's workers share their metrics in (prometheus-client's multiprocess mode), emptied "
+        "at start; empty: a new temporary directory, removed at exit", _str)
+    presence_events: bool = setting(
+        "ORGCAST_PRESENCE_EVENTS", "false",
+        "send `presence.join` / `presence.leave` to an organization's other sockets when a user's first socket "
+        "arrives and its last one goes (a write to the bus backend per such change, and a broadcast)", _bool)
+    cluster_timeout: float = setting(
+        "ORGCAST_CLUSTER_TIMEOUT", "1",
+        "seconds `/admin/stats` and the presence routes wait for every worker's answer; one that does not "
+        "answer in time is left out (`partial`)", _pos_float)
     access_log: bool = setting(
         "ORGCAST_ACCESS_LOG", "true", "write gunicorn's access log (tokens redacted) to stdout", _bool)
     demo_dir: str | None = setting(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeAlias
 
@@ -49,7 +49,8 @@ class Database:
     """A bounded pool of autocommit connections to the application database."""
 
     def __init__(self, dsn: str, *, pool_size: int, timeout: float,
-                 timezone: str | None = None, application_name: str = "orgcast") -> None:
+                 timezone: str | None = None, application_name: str = "orgcast",
+                 observer: Callable[[float, bool], None] | None = None) -> None:
         # Make libpq waits yield to the gevent hub instead of blocking it.
         psycogreen.gevent.patch_psycopg()
         self._dsn = dsn
@@ -65,6 +66,8 @@ class Database:
         self._slots = gevent.lock.BoundedSemaphore(pool_size)
         self._idle: list[Connection] = []
         self.pool_size = pool_size
+        #: told (seconds, ok) of every operation (the metrics' database latency)
+        self.observer = observer
 
     def fetch_one(self, sql: str, params: Mapping[str, Any],
                   timeout: float | None = None) -> tuple[Any, ...] | None:
@@ -81,6 +84,18 @@ class Database:
 
         :raise Unavailable: pool exhausted, database down, slow or erroring
         """
+        if self.observer is None:
+            return self._fetch_all(sql, params, timeout, limit)
+        started, ok = time.monotonic(), False
+        try:
+            rows = self._fetch_all(sql, params, timeout, limit)
+            ok = True
+            return rows
+        finally:
+            self.observer(time.monotonic() - started, ok)
+
+    def _fetch_all(self, sql: str, params: Mapping[str, Any], timeout: float | None,
+                   limit: int | None) -> list[tuple[Any, ...]]:
         budget = self._timeout if timeout is None else timeout
         with self._deadline(budget), self._slot(budget):
             # An idle connection may have died with a database restart: then

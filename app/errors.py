@@ -131,6 +131,8 @@ class Refusal(OrgcastError):
     """A client is refused; ``code`` is one of REFUSALS."""
 
     table = REFUSALS
+    #: the user the credentials belong to, when known (for the logs, never for the client)
+    user_id: str | None = None
 
 
 class Unavailable(Refusal):

@@ -44,8 +44,13 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+#: fields a line may carry besides its message (``extra=``), as JSON keys of their own
+CONTEXT_FIELDS = ("request_id", "socket_id", "session_id", "code", "address", "user_id", "organization_id",
+                  "latency_ms", "event", "source", "rooms", "recipients")
+
+
 class JsonFormatter(RedactingFormatter):
-    """One JSON object a line: time, level, logger, message (redacted)."""
+    """One JSON object a line: time, level, logger, message (redacted), and the line's context fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
@@ -55,6 +60,10 @@ class JsonFormatter(RedactingFormatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in CONTEXT_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                payload[name] = value
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return redact(json.dumps(payload, default=str))

@@ -132,7 +132,7 @@ def test_disconnect_user_kicks_on_every_worker_and_forgets_the_cache_everywhere(
         since = len(server.output())
         attempt_listener = listen(server.url, auth={"token": token, "organizationId": "org-a"})
         assert attempt_listener.refusal_code == "token_invalid"
-        line = re.search(r"\[(\d+)\] \[INFO\] app\.realtime\.namespace: refused", server.output()[since:])
+        line = re.search(r"\[(\d+)\] \[INFO\] app\.realtime\.namespace: connect refused", server.output()[since:])
         if line:
             refused_on.add((server_index, int(line.group(1))))
         if refused_on >= all_workers:

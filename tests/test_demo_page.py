@@ -1,6 +1,7 @@
-"""The /demo page in a real browser: headless Debian Chromium, driven over the
-Chrome DevTools Protocol, running the official socket.io client from npm
-against a real gunicorn.
+"""The /demo and /admin pages in a real browser: headless Debian Chromium,
+driven over the Chrome DevTools Protocol, against a real gunicorn (the demo
+page running the official socket.io client from npm). Each test saves a
+screenshot in build/screenshots/.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 import pytest
 import requests
 import websocket
-from conftest import ROOT, ThrowawayPostgres, base_env, publish
+from conftest import API_KEY, ROOT, ThrowawayPostgres, base_env, publish
 from throwaway import terminate
 
 CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "build" / "screenshots"
 CLIENT_JS = ROOT / ".cache/npm/node_modules/socket.io-client/dist/socket.io.min.js"
 # The flags this machine needs (no sandbox as root, no network but loopback).
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -73,6 +75,17 @@ class Page:
                 raise AssertionError(f"{expression} still falsy after {timeout} s; "
                                      f"status: {status!r}")
             time.sleep(0.05)
+
+    def screenshot(self, name: str) -> Path:
+        """Save what the page shows as build/screenshots/<name>.png."""
+        import base64
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+        assert path.stat().st_size > 1000
+        return path
 
     def close(self) -> None:
         self.ws.close()
@@ -171,6 +184,7 @@ def test_demo_page_shows_events_as_they_arrive(browser: Browser, demo_server: An
     publish(demo_server, "org-a", "news", {"headline": "after org-b"})
     page.wait_until(f"{EVENTS}.textContent.includes('after org-b')")
     assert "not for org-a" not in page.evaluate(f"{EVENTS}.textContent")
+    page.screenshot("demo-events")
 
 
 @pytest.mark.parametrize(("token", "code", "relogin"), [
@@ -185,3 +199,37 @@ def test_demo_page_shows_the_refusal_code(browser: Browser, demo_server: Any, to
     assert f"({code})" in status
     assert ("Please log in again." in status) == relogin
     assert "Retrying" not in status  # only unavailable / rate_limited are retried
+    page.screenshot(f"demo-refused-{code}")
+
+
+def test_status_page_shows_sockets_and_rates_live(browser: Browser, demo_server: Any, listen: Any) -> None:
+    listener = listen(demo_server.url, auth={"token": "tok-alice", "organizationId": "org-a"})
+    assert listener.connect_error is None
+    page = browser.open(f"{demo_server.url}/admin")
+    page.evaluate(f"document.getElementById('key').value = {json.dumps(API_KEY)}; "
+                  "document.getElementById('form').requestSubmit()")
+    page.wait_until("document.getElementById('sockets').textContent === '1'")
+    # A publish rate needs publishes between two polls of the page (every 2 s).
+    deadline = time.monotonic() + 15
+    while not page.evaluate("parseFloat(document.getElementById('publish-rate').textContent) > 0"):
+        assert time.monotonic() < deadline, page.evaluate("document.getElementById('status').textContent")
+        assert publish(demo_server, "org-a", "news", {"n": 1}).status_code == 202
+        time.sleep(0.2)
+    assert page.evaluate("parseFloat(document.getElementById('delivery-rate').textContent)") > 0
+    page.wait_until("document.querySelector('#chart polyline') !== null")
+    attempts = page.evaluate("[...document.querySelectorAll('#attempts tr')].map(r => r.textContent)")
+    assert any(row.startswith("ok") for row in attempts)
+    assert "org-a" in page.evaluate("document.getElementById('organizations').textContent")
+    # The key is in the page's memory only: not in the URL, the form, or storage.
+    assert API_KEY not in page.evaluate("location.href + document.body.innerHTML")
+    assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+    page.screenshot("admin-status")
+
+
+def test_status_page_says_when_the_key_is_wrong(browser: Browser, demo_server: Any) -> None:
+    page = browser.open(f"{demo_server.url}/admin")
+    page.evaluate("document.getElementById('key').value = 'not-the-key'; "
+                  "document.getElementById('form').requestSubmit()")
+    status = page.wait_until(f"{STATUS}.className === 'err' && {STATUS}.textContent")
+    assert status.startswith("Refused")
+    page.screenshot("admin-refused")

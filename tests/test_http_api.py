@@ -331,7 +331,7 @@ def test_event_name_not_a_string_is_422(client: Any, route: str, event: Any) -> 
     ("POST", "/api/v1/organizations/org-a"),
     ("POST", "/api/v1/organizations/org-a/events/extra"),
     ("POST", "/api/v2/organizations/org-a/events"),
-    ("GET", "/admin"),
+    ("GET", "/admin/nope"),
 ])
 def test_unknown_route_is_404_json(client: Any, method: str, path: str) -> None:
     response = client.open(path, method=method, headers=AUTH, json={"event": "news"})

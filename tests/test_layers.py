@@ -63,10 +63,13 @@ LAYERS = {
     "app.http": "edge", "app.serving": "edge",
     "app.realtime.namespace": "edge", "app.realtime.server": "edge", "app.realtime.engine": "edge",
     "app.realtime.websocket": "edge", "app.realtime.fanout": "edge", "app.realtime.timers": "edge",
-    "app.realtime.expiry": "edge", "app.realtime.recovery": "edge",
+    "app.realtime.expiry": "edge", "app.realtime.recovery": "edge", "app.realtime.stats": "edge",
+    "app.realtime.presence": "edge",
     "app.publish.pg_notify": "edge", "app.publish.redis_emitter": "edge", "app.publish.emitters": "edge",
     "app.auth.checker": "service", "app.publish.service": "service",
     "app.db": "data", "app.auth.store": "data", "app.auth.ratelimit": "data", "app.bus": "data",
+    # prometheus-client behind the observers the services and the bus declare
+    "app.metrics": "data",
     "app.config": "leaf", "app.errors": "leaf", "app.log": "leaf",
     "app.auth.credentials": "leaf", "app.realtime.rooms": "leaf",
     # packages whose __init__ holds only a docstring

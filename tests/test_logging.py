@@ -4,6 +4,7 @@ log included, whatever way the client sends it, and whatever it sends."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -158,6 +159,13 @@ def _exercise(server: Server, s: dict[str, str]) -> None:
         with requests.get(f"{server.url}/healthz?access_token={s['access-param']}",
                           timeout=5) as reply:
             assert reply.status_code == 200
+        # The operator routes: nothing secret in what they answer either.
+        for path in ("/metrics", "/admin/stats", "/admin/config"):
+            with requests.get(server.url + path, timeout=5,
+                              headers={"Authorization": f"Bearer {s['api-key']}"}) as reply:
+                assert reply.status_code == 200, (path, reply.text)
+                leaked = [kind for kind, secret in s.items() if secret in reply.text]
+                assert not leaked, (path, leaked)
     finally:
         for listener in opened:
             listener.close()
@@ -192,13 +200,26 @@ def test_no_secret_in_any_log_line(secrets: dict[str, str], postgres: ThrowawayP
         # One JSON object a line, from gunicorn, the app and the libraries alike.
         records = [json.loads(line) for line in output.splitlines() if line.strip()]
         assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
-        output = "\n".join(r["message"] + r.get("exception", "") for r in records)
+        # Each connect attempt and publication has its line, with its context as fields.
+        attempts = [r for r in records if r["message"].startswith(("connect ok:", "connect refused:"))]
+        assert {r["code"] for r in attempts} >= {"ok", "token_invalid"}
+        assert all(r["address"] and r["latency_ms"] is not None for r in attempts)
+        assert all(r["socket_id"] and r["user_id"] == "alice" for r in attempts if r["code"] == "ok")
+        deliveries = [r for r in records if r["message"].startswith("delivered ")]
+        assert any(r["event"] == "news" and r["source"] == "http" and r["request_id"] and r["recipients"] >= 1
+                   for r in deliveries)
+        # (the messages as written, then every field of every record: no secret in either)
+        output = "\n".join(r["message"] + r.get("exception", "") for r in records) + "\n" + "\n".join(
+            json.dumps(r) for r in records)
 
     leaked = {kind: value for kind, value in secrets.items() if value in output}
     assert not leaked, f"secrets in the log: {sorted(leaked)}\n{output[-3000:]}"
     # The hexadecimal tails alone would betray a token cut in the middle.
     assert not [k for k, v in secrets.items() if v[-18:] in output]
 
+    # One line per connect attempt and per publication (app log).
+    assert "connect ok: socket " in output and "connect refused: token_invalid, address 127.0.0.1" in output
+    assert re.search(r"delivered news \[[0-9a-f]{16}\] from http to organization\.org-a: \d+ sockets", output)
     # The access log was written, request lines included, with tokens redacted.
     assert f"token={REDACTED}&organizationId=org-a" in output
     assert "GET /socket.io/?" in output

@@ -28,7 +28,10 @@ NODE_MODULES = ROOT / ".cache" / "npm" / "node_modules"
 
 @pytest.fixture(scope="module")
 def server(postgres: Any, tmp_path_factory: Any) -> Iterator[Server]:
-    srv = start_gunicorn(base_env(postgres, **SUITE_ENV), tmp_path_factory.mktemp("slots"))
+    # One pooled database connection: the pool must not grow during a test
+    # (the connect checks and the cluster's heartbeat share it), so that the
+    # descriptors counted are the sockets'.
+    srv = start_gunicorn(base_env(postgres, ORGCAST_DB_POOL_SIZE="1", **SUITE_ENV), tmp_path_factory.mktemp("slots"))
     # One authorized session first, so the database pool's connection is
     # already part of every baseline below.
     warm = RawSession.connect(srv.port)

@@ -47,6 +47,13 @@ class Limiter(Protocol):
     def failed(self, address: str) -> None: ...
 
 
+class Observer(Protocol):
+    """Told of every authorization (the metrics implement it)."""
+
+    def authorized(self, result: str, seconds: float, answered_by: str) -> None:
+        """``result``: "ok" or the refusal code; ``answered_by``: database, cache, coalesced or limiter."""
+
+
 class Waiter(Protocol):
     """Where coalesced lookups wait for the first one's answer (a gevent AsyncResult)."""
 
@@ -78,13 +85,14 @@ class AuthChecker:
 
     def __init__(self, store: Store, cache_ttl: float, *, limiter: Limiter | None = None,
                  waiter: Callable[[], Waiter] | None = None, wait_timeout: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, observer: Observer | None = None) -> None:
         self._store = store
         self._cache_ttl = cache_ttl
         self._limiter: Limiter = limiter if limiter is not None else _NoLimit()
         self._new_waiter = waiter
         self._wait_timeout = wait_timeout
         self._clock = clock
+        self._observer = observer
         self._cache: dict[bytes, tuple[Principal, float]] = {}
         self._inflight: dict[bytes, Waiter] = {}
         self._next_purge = 0.0
@@ -98,7 +106,23 @@ class AuthChecker:
 
         :raise Refusal: rate_limited, token_invalid, token_expired, forbidden, unavailable
         """
+        if self._observer is None:
+            return self._authorize(creds, address, ["database"])
+        started, result, by = time.monotonic(), "unavailable", ["database"]
+        try:
+            principal = self._authorize(creds, address, by)
+            result = "ok"
+            return principal
+        except Refusal as exc:
+            result = exc.code
+            raise
+        finally:
+            self._observer.authorized(result, time.monotonic() - started, by[0])
+
+    def _authorize(self, creds: Credentials, address: str, by: list[str]) -> Principal:
+        """``authorize``; ``by[0]`` is set to what answered."""
         if address and self._limiter.limited(address):
+            by[0] = "limiter"
             raise Refusal("rate_limited")
         key = _cache_key(creds.organization_id, creds.token)
         now = self._clock()
@@ -106,11 +130,13 @@ class AuthChecker:
         if cached is not None:
             if now < cached[1]:
                 self.cache_hits += 1
+                by[0] = "cache"
                 return cached[0]
             del self._cache[key]
         pending = self._inflight.get(key)
         if pending is not None:
             self.coalesced += 1
+            by[0] = "coalesced"
             principal: Principal = pending.get(timeout=self._wait_timeout)
             return principal
         waiter = self._new_waiter() if self._new_waiter is not None else None
@@ -137,10 +163,14 @@ class AuthChecker:
         now = self._clock()
         if row is None:
             raise Refusal("token_invalid")
+        refusal = None
         if not row.active or (row.expires_in is not None and row.expires_in <= 0):
-            raise Refusal("token_expired")
-        if not row.member:
-            raise Refusal("forbidden")
+            refusal = Refusal("token_expired")
+        elif not row.member:
+            refusal = Refusal("forbidden")
+        if refusal is not None:
+            refusal.user_id = row.user_id
+            raise refusal
         expires_at = now + row.expires_in if row.expires_in is not None else None
         return Principal(row.user_id, creds.organization_id, expires_at)
 

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -23,6 +23,13 @@ SourceHandler = Callable[[str, Any], None]
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 
 
+class Observer(Protocol):
+    """Told of what the listener hears and of its connection (the metrics implement it)."""
+
+    def bus_message(self, bus: str) -> None: ...
+    def bus_state(self, bus: str, up: bool, reconnect: bool = False) -> None: ...
+
+
 class Bus:
     """Publish to every process; listen in this one, reconnecting for ever."""
 
@@ -33,14 +40,25 @@ class Bus:
     def __init__(self) -> None:
         self._handler: Callable[[Message], None] | None = None
         self._runner: gevent.Greenlet | None = None
-        #: idle (not started in this process), connecting, up, down
-        self.state = IDLE
+        self.observer: Observer | None = None
+        self._state = IDLE
         self.leader = False
         self.reconnects = 0
         self.received = 0
         self.dropped = 0
         self.last_message_at: float | None = None
         self._markers: dict[str, gevent.event.Event] = {}
+
+    @property
+    def state(self) -> str:
+        """idle (not started in this process), connecting, up, down."""
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        was, self._state = self._state, state
+        if self.observer is not None and state != was:
+            self.observer.bus_state(self.name, state == UP, reconnect=was == UP and state == DOWN)
 
     # --- publishing
 
@@ -100,6 +118,38 @@ class Bus:
         """
         raise NotImplementedError
 
+    # --- presence (ORGCAST_PRESENCE_EVENTS): which workers hold a user in an organization
+
+    def presence_join(self, organization_id: str, user_id: str, worker: str) -> bool:
+        """Note that ``worker`` holds sockets of the user in the organization; True: no worker did before.
+
+        :raise Unavailable: the store did not answer
+        """
+        raise NotImplementedError
+
+    def presence_leave(self, organization_id: str, user_id: str, worker: str) -> bool:
+        """Note that ``worker`` holds none any more; True: no worker does now.
+
+        :raise Unavailable: the store did not answer
+        """
+        raise NotImplementedError
+
+    def presence_forget(self, worker: str) -> list[tuple[str, str]]:
+        """Forget a gone worker; return the (organization, user) pairs no worker holds now.
+
+        Atomic: when several workers forget the same one, one of them gets the pairs.
+
+        :raise Unavailable: the store did not answer
+        """
+        raise NotImplementedError
+
+    def presence_workers(self) -> set[str]:
+        """Every worker the store holds presence of.
+
+        :raise Unavailable: the store did not answer
+        """
+        raise NotImplementedError
+
     # --- listening
 
     def start(self, handler: Callable[[Message], None]) -> None:
@@ -110,9 +160,9 @@ class Bus:
 
     def stop(self) -> None:
         """Stop listening and close the connections."""
-        if self._runner is not None:
-            self._runner.kill(block=False)
-            self._runner = None
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.kill(block=False)
         self._close()
         self.state = IDLE
 
@@ -126,6 +176,8 @@ class Bus:
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # every failure of a connection: log it, reconnect
+                if self._runner is not gevent.getcurrent():
+                    return  # stopped: its connection was closed under it
                 if self.state == UP or failures == 0:
                     log.warning("%s bus connection lost: %s; reconnecting", self.name, _describe(exc))
                     failures = 0
@@ -152,6 +204,8 @@ class Bus:
         """Decode one bus message and hand it on; garbage is counted and dropped."""
         self.received += 1
         self.last_message_at = time.time()
+        if self.observer is not None:
+            self.observer.bus_message(self.name)
         try:
             message = envelope.decode(text)
         except ValueError as exc:

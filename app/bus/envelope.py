@@ -15,6 +15,8 @@ local delivery:
   recovery of missed events uses.
 - ``Kick``: disconnect the sockets in ``rooms`` (minus ``except_rooms``),
   and forget the cached acceptances of the users ``forget`` on every worker.
+- ``Hello``, ``Ask``, ``Answer``: the workers of the deployment telling each
+  other they are alive, and questions asked of all of them (``bus/cluster.py``).
 
 JSON only: whoever can publish on the bus can send events to rooms, never
 run code, and never put a socket in a room.
@@ -36,6 +38,8 @@ class Publication:
     except_rooms: tuple[str, ...] = ()
     offset: str | None = None
     source: str = ""
+    #: its id in the logs (a request id, or made up by the publisher)
+    id: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,36 @@ class Marker:
     id: str
 
 
-Message = Publication | Kick | Marker
+@dataclass(frozen=True)
+class Hello:
+    """A worker is alive (sent every few seconds), or leaving (``bye``); ``reply``: answer with yours."""
+
+    peer: str
+    bye: bool = False
+    reply: bool = False
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A question for every worker: ``what`` (with ``arg``), answered to ``peer``."""
+
+    id: str
+    peer: str
+    what: str
+    arg: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One worker's answer (``data``: JSON) to the question ``id`` of ``to``."""
+
+    id: str
+    peer: str
+    to: str
+    data: Any = None
+
+
+Message = Publication | Kick | Marker | Hello | Ask | Answer
 
 VERSION = 1
 #: where a bus backend that keeps history writes the offset it assigns (see ``split_for_offset``)
@@ -72,14 +105,28 @@ def encode(message: Message) -> str:
             body["offset"] = message.offset
         if message.source:
             body["src"] = message.source
+        if message.id:
+            body["id"] = message.id
     elif isinstance(message, Kick):
         body = {"v": VERSION, "k": "kick", "rooms": list(message.rooms)}
         if message.except_rooms:
             body["except"] = list(message.except_rooms)
         if message.forget:
             body["forget"] = list(message.forget)
-    else:
+    elif isinstance(message, Marker):
         body = {"v": VERSION, "k": "marker", "rooms": [], "id": message.id}
+    elif isinstance(message, Hello):
+        body = {"v": VERSION, "k": "hello", "rooms": [], "peer": message.peer}
+        if message.bye:
+            body["bye"] = True
+        if message.reply:
+            body["reply"] = True
+    elif isinstance(message, Ask):
+        body = {"v": VERSION, "k": "ask", "rooms": [], "id": message.id, "peer": message.peer,
+                "what": message.what, "arg": message.arg}
+    else:
+        body = {"v": VERSION, "k": "answer", "rooms": [], "id": message.id, "peer": message.peer,
+                "to": message.to, "data": message.data}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -91,7 +138,7 @@ def split_for_offset(publication: Publication) -> tuple[str, str]:
     unescaped quotes cannot occur in it: the last match is the slot).
     """
     text = encode(Publication(publication.rooms, publication.args, publication.except_rooms, OFFSET_SLOT,
-                              publication.source))
+                              publication.source, publication.id))
     prefix, _, suffix = text.rpartition(OFFSET_SLOT)
     return prefix, suffix
 
@@ -100,6 +147,13 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name} must be a list of strings")
     return tuple(value)
+
+
+def _string(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a string")
+    return value
 
 
 def decode(text: str | bytes) -> Message:
@@ -120,9 +174,16 @@ def decode(text: str | bytes) -> Message:
         args, offset = body.get("args"), body.get("offset")
         if not isinstance(args, str) or not (offset is None or isinstance(offset, str)):
             raise ValueError("args must be a string, offset a string")
-        return Publication(rooms, args, except_rooms, offset, str(body.get("src", "")))
+        return Publication(rooms, args, except_rooms, offset, str(body.get("src", ""))[:32],
+                           str(body.get("id", ""))[:80])
     if kind == "kick":
         return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
     if kind == "marker":
         return Marker(str(body.get("id", "")))
+    if kind == "hello":
+        return Hello(_string(body, "peer"), bool(body.get("bye")), bool(body.get("reply")))
+    if kind == "ask":
+        return Ask(_string(body, "id"), _string(body, "peer"), _string(body, "what"), str(body.get("arg", "")))
+    if kind == "answer":
+        return Answer(_string(body, "id"), _string(body, "peer"), _string(body, "to"), body.get("data"))
     raise ValueError(f"unknown message kind {kind!r}")

@@ -81,14 +81,50 @@ CREATE TABLE IF NOT EXISTS orgcast.sessions (
     record     text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS orgcast.presence (
+    organization_id text NOT NULL,
+    user_id         text NOT NULL,
+    worker          text NOT NULL,
+    PRIMARY KEY (organization_id, user_id, worker)
+);
+CREATE INDEX IF NOT EXISTS presence_worker ON orgcast.presence (worker);
+CREATE TABLE IF NOT EXISTS orgcast.presence_count (
+    organization_id text NOT NULL,
+    user_id         text NOT NULL,
+    workers         integer NOT NULL,
+    PRIMARY KEY (organization_id, user_id)
+);
 """
 #: the newest object of SCHEMA_SQL: when it exists, the schema is complete
-SCHEMA_LAST = "orgcast.sessions"
+SCHEMA_LAST = "orgcast.presence_count"
 
 _RECORDED = """
 WITH s AS (SELECT nextval('orgcast.history_id') AS id),
      h AS (INSERT INTO orgcast.history (room, id, args, except_rooms)
            SELECT r, s.id, %(args)s, %(except)s::text[] FROM s, unnest(%(rooms)s::text[]) AS r)
+"""
+# Each statement one transaction; presence_count's row lock orders concurrent
+# changes of one (organization, user), so that exactly one of them sees 1 (or 0).
+_PRESENCE_JOIN = """
+WITH ins AS (INSERT INTO orgcast.presence VALUES (%(org)s, %(user)s, %(worker)s) ON CONFLICT DO NOTHING RETURNING 1),
+     cnt AS (INSERT INTO orgcast.presence_count SELECT %(org)s, %(user)s, 1 FROM ins
+             ON CONFLICT (organization_id, user_id) DO UPDATE SET workers = orgcast.presence_count.workers + 1
+             RETURNING workers)
+SELECT workers FROM cnt
+"""
+_PRESENCE_LEAVE = """
+WITH del AS (DELETE FROM orgcast.presence WHERE organization_id = %(org)s AND user_id = %(user)s
+             AND worker = %(worker)s RETURNING 1),
+     cnt AS (UPDATE orgcast.presence_count SET workers = workers - 1 WHERE organization_id = %(org)s
+             AND user_id = %(user)s AND EXISTS (SELECT 1 FROM del) RETURNING workers)
+SELECT workers FROM cnt
+"""
+_PRESENCE_FORGET = """
+WITH del AS (DELETE FROM orgcast.presence WHERE worker = %(worker)s RETURNING organization_id, user_id),
+     cnt AS (UPDATE orgcast.presence_count c SET workers = c.workers - 1 FROM del
+             WHERE c.organization_id = del.organization_id AND c.user_id = del.user_id
+             RETURNING c.organization_id, c.user_id, c.workers)
+SELECT organization_id, user_id FROM cnt WHERE workers <= 0
 """
 _TRIMMED = """
 INSERT INTO orgcast.history_trimmed (room, through) SELECT room, max(id) FROM gone GROUP BY room
@@ -185,6 +221,20 @@ class PostgresBus(Bus):
             f"'{float(self._history[0])} seconds' RETURNING record", {"pid": pid})
         return str(row[0]) if row is not None else None
 
+    def presence_join(self, organization_id: str, user_id: str, worker: str) -> bool:
+        row = self._db.fetch_one(_PRESENCE_JOIN, {"org": organization_id, "user": user_id, "worker": worker})
+        return row is not None and int(row[0]) == 1
+
+    def presence_leave(self, organization_id: str, user_id: str, worker: str) -> bool:
+        row = self._db.fetch_one(_PRESENCE_LEAVE, {"org": organization_id, "user": user_id, "worker": worker})
+        return row is not None and int(row[0]) <= 0
+
+    def presence_forget(self, worker: str) -> list[tuple[str, str]]:
+        return [(str(o), str(u)) for o, u in self._db.fetch_all(_PRESENCE_FORGET, {"worker": worker})]
+
+    def presence_workers(self) -> set[str]:
+        return {str(w) for (w,) in self._db.fetch_all("SELECT DISTINCT worker FROM orgcast.presence", {})}
+
     def fetch_attachment(self, table: str, attachment_id: Any) -> bytes | None:
         """Return the payload of a ``@socket.io/postgres-emitter`` attachment, or None.
 
@@ -214,6 +264,10 @@ class PostgresBus(Bus):
                 next_leader_try = now + LEADER_RETRY
             if self.leader and now - self._last_cleanup > CLEANUP_EVERY:
                 self.cleanup()
+            # A statement on this connection (the keepalive, the leader lock)
+            # collects the notifications that arrived meanwhile: hand them on
+            # now, not after the next wake-up.
+            self._dispatch(conn)
             try:
                 wait_read(conn.fileno(), timeout=KEEPALIVE if self.leader or not self._source_channels
                           else LEADER_RETRY)
@@ -224,16 +278,19 @@ class PostgresBus(Bus):
                     self._execute(conn, "SELECT 1")
                 continue
             conn.poll()
-            while conn.notifies:
-                notify = conn.notifies.pop(0)
-                if notify.channel == BUS_CHANNEL:
-                    self._bus_payload(notify.payload)
-                elif self.on_source is not None:
-                    try:
-                        self.on_source(notify.channel, notify.payload)
-                    except Exception:
-                        self.dropped += 1
-                        log.exception("handling a notification on %s failed", notify.channel)
+            self._dispatch(conn)
+
+    def _dispatch(self, conn: Any) -> None:
+        while conn.notifies:
+            notify = conn.notifies.pop(0)
+            if notify.channel == BUS_CHANNEL:
+                self._bus_payload(notify.payload)
+            elif self.on_source is not None:
+                try:
+                    self.on_source(notify.channel, notify.payload)
+                except Exception:
+                    self.dropped += 1
+                    log.exception("handling a notification on %s failed", notify.channel)
 
     def _bus_payload(self, payload: str) -> None:
         if '"parked"' in payload[:64]:
@@ -293,6 +350,8 @@ class PostgresBus(Bus):
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
                                    f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
                                    {})
+                self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.presence_count WHERE workers <= 0 "
+                                   "RETURNING 1) SELECT count(*) FROM gone", {})
             if self._history is not None:
                 window, size = self._history
                 self._db.fetch_one(

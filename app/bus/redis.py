@@ -47,6 +47,37 @@ HISTORY_PREFIX = "orgcast:history:"
 #: only follows XDEL, not trimming)
 TRIMMED_PREFIX = "orgcast:history-trimmed:"
 SESSION_PREFIX = "orgcast:session:"
+#: presence (ORGCAST_PRESENCE_EVENTS): a set of workers per "<organization>:<user>" (organization
+#: ids hold no ":"), and a set of those pairs per worker
+PRESENCE_PREFIX = "orgcast:presence:"
+PRESENCE_WORKER_PREFIX = "orgcast:presence-worker:"
+# KEYS: the pair's set, the worker's set. ARGV: worker, pair. 1: the first worker.
+_PRESENCE_JOIN = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  if redis.call('SCARD', KEYS[1]) == 1 then return 1 end
+end
+return 0
+"""
+# The same KEYS and ARGV. 1: no worker any more.
+_PRESENCE_LEAVE = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  if redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+end
+return 0
+"""
+# KEYS: the worker's set. ARGV: worker, the pairs' key prefix. The pairs no worker holds now.
+_PRESENCE_FORGET = """
+local gone = {}
+for _, pair in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. pair
+  redis.call('SREM', key, ARGV[1])
+  if redis.call('SCARD', key) == 0 then table.insert(gone, pair) end
+end
+redis.call('DEL', KEYS[1])
+return gone
+"""
 # KEYS: the last-id key, then per room its stream and its trimmed mark. ARGV:
 # window ms, events per room, args, except rooms (JSON), channel, envelope
 # prefix, envelope suffix. Trimming is done here, not by XADD's MAXLEN, to
@@ -122,6 +153,9 @@ class RedisBus(Bus):
         self.on_source = on_source
         self._pubsub: Any = None
         self._record = self._client.register_script(_RECORD)
+        self._presence_join = self._client.register_script(_PRESENCE_JOIN)
+        self._presence_leave = self._client.register_script(_PRESENCE_LEAVE)
+        self._presence_forget = self._client.register_script(_PRESENCE_FORGET)
 
     def _publish(self, text: str) -> None:
         try:
@@ -179,6 +213,34 @@ class RedisBus(Bus):
         except (redis.RedisError, OSError) as exc:
             raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
         return last.decode() if isinstance(last, bytes) else "0-0"
+
+    def presence_join(self, organization_id: str, user_id: str, worker: str) -> bool:
+        return self._presence_change(self._presence_join, organization_id, user_id, worker)
+
+    def presence_leave(self, organization_id: str, user_id: str, worker: str) -> bool:
+        return self._presence_change(self._presence_leave, organization_id, user_id, worker)
+
+    def _presence_change(self, script: Any, organization_id: str, user_id: str, worker: str) -> bool:
+        pair = f"{organization_id}:{user_id}"
+        try:
+            return bool(script(keys=[PRESENCE_PREFIX + pair, PRESENCE_WORKER_PREFIX + worker], args=[worker, pair]))
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+
+    def presence_forget(self, worker: str) -> list[tuple[str, str]]:
+        try:
+            gone = self._presence_forget(keys=[PRESENCE_WORKER_PREFIX + worker], args=[worker, PRESENCE_PREFIX])
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+        pairs = [(p.decode() if isinstance(p, bytes) else str(p)).partition(":") for p in gone or []]
+        return [(organization_id, user_id) for organization_id, _, user_id in pairs]
+
+    def presence_workers(self) -> set[str]:
+        try:
+            keys = list(self._client.scan_iter(match=PRESENCE_WORKER_PREFIX + "*", count=1000))
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
+        return {(k.decode() if isinstance(k, bytes) else str(k))[len(PRESENCE_WORKER_PREFIX):] for k in keys}
 
     def save_sessions(self, records: list[tuple[str, str]]) -> None:
         if not records or self._history is None:

@@ -38,6 +38,12 @@ class Services:
     #: readiness probes by name: each returns a latency in ms or raises Unavailable
     checks: dict[str, Callable[[], float]] = field(default_factory=dict)
     version: str = "0"
+    #: the Prometheus text of every worker: (body, content type)
+    metrics: Callable[[], tuple[bytes, str]] | None = None
+    #: the /admin/stats body, summed over every worker (raises Unavailable)
+    stats: Callable[[], dict[str, Any]] | None = None
+    #: told the result of each readiness check, by name (the metrics)
+    on_readiness: Callable[[dict[str, bool]], None] | None = None
 
 
 def services() -> Services:

@@ -1,4 +1,4 @@
-"""The server API under ``/api/v1/``: publish, publish in batches, disconnect a user.
+"""The server API under ``/api/v1/``: publish, publish in batches, disconnect a user, presence.
 
 The README's "Publishing over HTTP" is this module's documentation.
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import ApiError, Unavailable, http_error, http_error_headers, status_line
 from app.http.apikey import check_api_key
-from app.publish.service import Event, Publisher
+from app.publish.service import Event, Publisher, new_id
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -33,22 +33,35 @@ MAX_BATCH = 1000
 _ORGANIZATION_EVENTS = re.compile(r"organizations/([^/]+)/events")
 _USER_EVENTS = re.compile(r"users/([^/]+)/events")
 _USER_DISCONNECT = re.compile(r"users/([^/]+)/disconnect")
+_ORGANIZATION_PRESENCE = re.compile(r"organizations/([^/]+)/presence")
+_USER_PRESENCE = re.compile(r"users/([^/]+)/presence")
+#: a request id a client (or nginx's $request_id) may give in X-Request-Id
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class Presence(Protocol):
+    def organization(self, organization_id: str) -> dict[str, Any]: ...
+    def user(self, user_id: str) -> dict[str, Any]: ...
 
 
 class ServerApi:
     """The ``/api/v1/`` routes, mounted before ``fallback`` (Flask)."""
 
     def __init__(self, publisher: Publisher, api_keys: tuple[str, ...], max_payload: int,
-                 fallback: WSGIApp) -> None:
+                 fallback: WSGIApp, presence: Presence | None = None) -> None:
         self._publisher = publisher
         self._keys = api_keys
         self._limit = max_payload
         self._fallback = fallback
-        self._routes: list[tuple[re.Pattern[str], Callable[[dict[str, Any], str], Any]]] = [
-            (_ORGANIZATION_EVENTS, self._publish_to_organization),
-            (_USER_EVENTS, self._publish_to_user),
-            (_USER_DISCONNECT, self._disconnect_user),
-            (re.compile("events"), self._publish_batch),
+        self._presence = presence
+        # (path, method, handler, status of a success)
+        self._routes: list[tuple[re.Pattern[str], str, Callable[[dict[str, Any], str], Any], int]] = [
+            (_ORGANIZATION_EVENTS, "POST", self._publish_to_organization, 202),
+            (_USER_EVENTS, "POST", self._publish_to_user, 202),
+            (_USER_DISCONNECT, "POST", self._disconnect_user, 202),
+            (re.compile("events"), "POST", self._publish_batch, 202),
+            (_ORGANIZATION_PRESENCE, "GET", self._organization_presence, 200),
+            (_USER_PRESENCE, "GET", self._user_presence, 200),
         ]
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -56,38 +69,55 @@ class ServerApi:
         if not path.startswith(PREFIX):
             return self._fallback(environ, start_response)
         rest = path[len(PREFIX):]
-        for pattern, handler in self._routes:
+        for pattern, method, handler, success in self._routes:
             match = pattern.fullmatch(rest)
             if match is None:
                 continue
-            if environ.get("REQUEST_METHOD") != "POST":
+            if environ.get("REQUEST_METHOD") != method:
                 body, headers = _error(405, "method_not_allowed")
-                return _respond(start_response, 405, body, [*headers, ("Allow", "POST")])
+                return _respond(start_response, 405, body, [*headers, ("Allow", method)])
+            given = environ.get("HTTP_X_REQUEST_ID", "")
+            request_id = environ["orgcast.request_id"] = given if _REQUEST_ID.fullmatch(given) else new_id()
+            tag = [("X-Request-Id", request_id)]
             try:
                 check_api_key(environ.get("HTTP_AUTHORIZATION", ""), self._keys)
                 ident = _path_text(match.group(1)) if match.groups() else ""
-                return _respond(start_response, 202, handler(environ, ident))
+                return _respond(start_response, success, handler(environ, ident), tag)
             except (ApiError, Unavailable) as exc:
                 status = exc.status if isinstance(exc, ApiError) else 503
                 code = exc.code if isinstance(exc, ApiError) else "unavailable"
-                return _respond(start_response, status, *_error(status, code, exc.message))
+                body, headers = _error(status, code, exc.message)
+                return _respond(start_response, status, body, [*headers, *tag])
         return _respond(start_response, 404, *_error(404, "not_found"))
 
     # --- routes
 
     def _publish_to_organization(self, environ: dict[str, Any], organization_id: str) -> dict[str, Any]:
         event, data = _event(self._json_body(environ))
-        room = self._publisher.publish_to_organization(organization_id, event, data, SOURCE)
+        room = self._publisher.publish_to_organization(organization_id, event, data, SOURCE,
+                                                       environ["orgcast.request_id"])
         return {"status": "accepted", "room": room}
 
     def _publish_to_user(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
         event, data = _event(self._json_body(environ))
-        room = self._publisher.publish_to_user(user_id, event, data, SOURCE)
+        room = self._publisher.publish_to_user(user_id, event, data, SOURCE, environ["orgcast.request_id"])
         return {"status": "accepted", "room": room}
 
     def _disconnect_user(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
-        room = self._publisher.disconnect_user(user_id, SOURCE)
+        room = self._publisher.disconnect_user(user_id, f"{SOURCE} [{environ['orgcast.request_id']}]")
         return {"status": "accepted", "room": room}
+
+    def _organization_presence(self, environ: dict[str, Any], organization_id: str) -> dict[str, Any]:
+        self._publisher.organization_room(organization_id)  # invalid_organization
+        if self._presence is None:
+            raise ApiError("not_found")
+        return self._presence.organization(organization_id)
+
+    def _user_presence(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
+        self._publisher.user_room(user_id)  # invalid_user
+        if self._presence is None:
+            raise ApiError("not_found")
+        return self._presence.user(user_id)
 
     def _publish_batch(self, environ: dict[str, Any], _: str) -> dict[str, Any]:
         body = self._json_body(environ)
@@ -98,7 +128,8 @@ class ServerApi:
             raise ApiError("bad_request", f"A batch holds at most {MAX_BATCH} events.")
         # All validated first: one bad event refuses the whole batch.
         events = [self._batch_event(index, item) for index, item in enumerate(items)]
-        return {"status": "accepted", "count": self._publisher.publish_many(events, SOURCE)}
+        return {"status": "accepted",
+                "count": self._publisher.publish_many(events, SOURCE, environ["orgcast.request_id"])}
 
     def _batch_event(self, index: int, item: Any) -> Event:
         where = f"events[{index}]"

@@ -84,11 +84,13 @@ def read_opts(opts: Any) -> tuple[list[str], list[str]]:
 
 
 class Drops:
-    """Dropped messages by reason, for operators (and metrics later)."""
+    """Dropped messages by reason, for operators and the metrics."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.counts: Counter[str] = Counter()
+        #: told the source of each drop (the metrics)
+        self.on_drop: Callable[[str], None] | None = None
 
     def run(self, channel: str, handle: Callable[[], None]) -> None:
         """Run ``handle``; log and count what it drops, never raise."""
@@ -103,4 +105,6 @@ class Drops:
 
     def _drop(self, channel: str, reason: str) -> None:
         self.counts[reason.split(":")[0][:60]] += 1
+        if self.on_drop is not None:
+            self.on_drop(self.source)
         log.warning("%s: dropped a message on %s: %s", self.source, channel[:80], reason)

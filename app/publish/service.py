@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,17 @@ RESERVED_EVENTS = frozenset(
 
 class Bus(Protocol):
     def publish(self, message: Message) -> None: ...
+
+
+class Observer(Protocol):
+    """Told of every event published (the metrics implement it)."""
+
+    def published(self, source: str, count: int = 1) -> None: ...
+
+
+def new_id() -> str:
+    """A publication's id, for the log lines of every worker that delivers it."""
+    return secrets.token_hex(8)
 
 
 def is_valid_event(event: Any) -> bool:
@@ -62,9 +74,10 @@ class Event:
 class Publisher:
     """Validate, encode, then publish events and disconnects on the bus."""
 
-    def __init__(self, bus: Bus, *, broadcast_everyone: bool = False) -> None:
+    def __init__(self, bus: Bus, *, broadcast_everyone: bool = False, observer: Observer | None = None) -> None:
         self._bus = bus
         self._broadcast_everyone = broadcast_everyone
+        self._observer = observer
 
     # --- events
 
@@ -79,51 +92,60 @@ class Publisher:
             raise ApiError("invalid_event")
         return Event(room, encode_args([event, data]))
 
-    def publish(self, room: Any, event: Any, data: Any, source: str) -> None:
+    def publish(self, room: Any, event: Any, data: Any, source: str, request_id: str = "") -> None:
         """Deliver ``event`` with ``data`` (one argument) to ``room`` everywhere.
 
         :raise ApiError: invalid_room, invalid_event, bad_request
         :raise Unavailable: the bus did not take it
         """
-        self.send(self.prepare(room, event, data), source)
+        self.send(self.prepare(room, event, data), source, request_id)
 
-    def send(self, event: Event, source: str) -> None:
-        """Publish an event that ``prepare`` validated.
+    def send(self, event: Event, source: str, request_id: str = "") -> None:
+        """Publish an event that ``prepare`` validated (``request_id``: its id in the logs; made up if empty).
 
         :raise Unavailable: the bus did not take it
         """
-        self._bus.publish(Publication((event.room,), event.args, source=source))
-        log.debug("%s: published to %s", source, event.room)
+        self._send(Publication((event.room,), event.args, source=source, id=request_id or new_id()))
 
-    def publish_many(self, events: Iterable[Event], source: str) -> int:
+    def _send(self, publication: Publication) -> None:
+        self._bus.publish(publication)
+        if self._observer is not None:
+            self._observer.published(publication.source)
+        log.debug("%s: published %s to %s", publication.source, publication.id, ",".join(publication.rooms))
+
+    def publish_many(self, events: Iterable[Event], source: str, request_id: str = "") -> int:
         """Publish events that were all validated first; return how many.
+
+        Their ids in the logs are ``<request_id>-<n>``.
 
         :raise Unavailable: the bus did not take one (those before it were sent)
         """
+        request_id = request_id or new_id()
         count = 0
         for event in events:
-            self.send(event, source)
+            self.send(event, source, f"{request_id}-{count}")
             count += 1
         return count
 
-    def publish_to_organization(self, organization_id: str, event: Any, data: Any, source: str) -> str:
+    def publish_to_organization(self, organization_id: str, event: Any, data: Any, source: str,
+                                request_id: str = "") -> str:
         """Deliver to ``organization.<id>``; return the room.
 
         :raise ApiError: invalid_organization, invalid_event, bad_request
         :raise Unavailable: the bus did not take it
         """
         room = self.organization_room(organization_id)
-        self.publish(room, event, data, source)
+        self.publish(room, event, data, source, request_id)
         return room
 
-    def publish_to_user(self, user_id: str, event: Any, data: Any, source: str) -> str:
+    def publish_to_user(self, user_id: str, event: Any, data: Any, source: str, request_id: str = "") -> str:
         """Deliver to ``user.<user_id>``; return the room.
 
         :raise ApiError: invalid_user, invalid_event, bad_request
         :raise Unavailable: the bus did not take it
         """
         room = self.user_room(user_id)
-        self.publish(room, event, data, source)
+        self.publish(room, event, data, source, request_id)
         return room
 
     def emit(self, rooms: Sequence[str], except_rooms: Sequence[str], args: Sequence[Any],
@@ -149,7 +171,7 @@ class Publisher:
             raise ApiError("invalid_room", "an emit to every socket (no room): set "
                            "ORGCAST_EMITTER_BROADCAST=true to allow them")
         excluded = tuple(dict.fromkeys(r for r in except_rooms if is_valid_room(r)))
-        self._bus.publish(Publication(valid, encode_args(args), excluded, source=source))
+        self._send(Publication(valid, encode_args(args), excluded, source=source, id=new_id()))
 
     # --- disconnects
 

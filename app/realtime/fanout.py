@@ -14,17 +14,35 @@ missed have been sent (``hold`` / ``release``).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from engineio import packet as eio_packet
 
 from app.bus.envelope import Kick, Message, Publication
+from app.realtime.rooms import ORGANIZATION_PREFIX
 from app.realtime.server import NAMESPACE, SocketServer
 from app.realtime.websocket import encode_frame
 
 log = logging.getLogger(__name__)
+_first_value = json.JSONDecoder().raw_decode
+
+
+class Observer(Protocol):
+    """Told how many deliveries each publication made here (the metrics implement it)."""
+
+    def delivered(self, count: int, dropped: int = 0) -> None: ...
+
+
+def event_name(args: str) -> str:
+    """The event name of ``[event, ...]`` JSON text, for the logs (its first value only is parsed)."""
+    try:
+        name = _first_value(args, 1)[0]
+    except ValueError:
+        return "?"
+    return name[:64] if isinstance(name, str) else "?"
 
 
 def _packet_text(args: str, offset: str | None) -> str:
@@ -37,9 +55,11 @@ def _packet_text(args: str, offset: str | None) -> str:
 class Fanout:
     """Deliver publications and kicks to the sockets of this process."""
 
-    def __init__(self, sio: SocketServer, on_forget: Callable[[str], None] | None = None) -> None:
+    def __init__(self, sio: SocketServer, on_forget: Callable[[str], None] | None = None,
+                 observer: Observer | None = None) -> None:
         self._sio = sio
         self._on_forget = on_forget
+        self._observer = observer
         self.delivered = 0
         #: the offset of the last publication heard (where a new socket's history starts)
         self.head: str | None = None
@@ -58,15 +78,17 @@ class Fanout:
             self.head = offset
         recipients = self._recipients(publication.rooms, publication.except_rooms)
         if not recipients:
+            self._delivered(publication, 0, 0)
             return 0
         text = _packet_text(publication.args, offset)
         pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
         frame = encode_frame(("4" + text).encode())
         sockets = self._sio.eio.sockets
-        count = 0
+        count = dropped = 0
         for eio_sid in recipients:
             sock = sockets.get(eio_sid)
             if sock is None or sock.closed:
+                dropped += 1
                 continue
             if sock.held is not None:
                 sock.held.append((offset, pkt))
@@ -78,7 +100,18 @@ class Fanout:
                 sock.send(pkt)
             count += 1
         self.delivered += count
+        self._delivered(publication, count, dropped)
         return count
+
+    def _delivered(self, publication: Publication, count: int, dropped: int) -> None:
+        if self._observer is not None:
+            self._observer.delivered(count, dropped)
+        if log.isEnabledFor(logging.INFO):
+            log.info("delivered %s [%s] from %s to %s: %d sockets", event_name(publication.args),
+                     publication.id or "-", publication.source or "-", ",".join(publication.rooms) or "everyone",
+                     count, extra={"request_id": publication.id, "event": event_name(publication.args),
+                                   "source": publication.source, "rooms": list(publication.rooms),
+                                   "recipients": count})
 
     def hold(self, sid: str) -> None:
         """Keep what is published for socket ``sid`` until ``release``."""
@@ -125,6 +158,16 @@ class Fanout:
         if sids:
             log.info("disconnected %d local sockets", len(sids))
         return len(sids)
+
+    def organization_sizes(self) -> dict[str, int]:
+        """Sockets of this process in each organization's room, by organization id."""
+        rooms: dict[Any, Any] = self._sio.manager.rooms.get(NAMESPACE, {})
+        return {room[len(ORGANIZATION_PREFIX):]: len(members) for room, members in rooms.items()
+                if isinstance(room, str) and room.startswith(ORGANIZATION_PREFIX) and members}
+
+    def members(self, room: str) -> list[str]:
+        """The sids of this process's sockets in ``room``."""
+        return list(self._sio.manager.rooms.get(NAMESPACE, {}).get(room, ()))
 
     def room_size(self, room: str) -> int:
         """Return how many sockets of this process are in ``room``."""

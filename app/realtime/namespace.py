@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import socketio
@@ -40,6 +40,22 @@ from app.realtime.server import ADDRESS_KEY
 from app.realtime.timers import Timers
 
 log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Told of every connect attempt and socket (the metrics implement it)."""
+
+    def attempt(self, result: str) -> None: ...
+    def socket_opened(self) -> None: ...
+    def socket_closed(self) -> None: ...
+    def recovery(self, recovered: bool) -> None: ...
+
+
+class PresenceHooks(Protocol):
+    """Told when a socket enters or leaves an organization's room (realtime/presence.py, events on)."""
+
+    def entered(self, organization_id: str, user_id: str) -> None: ...
+    def left(self, organization_id: str, user_id: str) -> None: ...
 
 
 def refusal_to_wire(exc: Refusal) -> socketio.exceptions.ConnectionRefusedError:
@@ -71,6 +87,8 @@ class Admission:
     organizations: list[str]
     #: (pid, old sid, offset) when its session is being recovered
     recovering: tuple[str, str, str] | None = None
+    #: time.monotonic() when the check began
+    started: float = 0.0
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
@@ -81,8 +99,11 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
 
     def __init__(self, checker: AuthChecker, fanout: Fanout, timers: Timers, *, expiry_warning: float,
                  max_subscriptions: int, max_sockets_per_user: int, recovery: Recovery | None = None,
+                 observer: Observer | None = None, presence: PresenceHooks | None = None,
                  namespace: str = "/") -> None:
         super().__init__(namespace)
+        self._observer = observer
+        self._presence = presence
         self._checker = checker
         self._fanout = fanout
         self._recovery = recovery
@@ -96,7 +117,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
 
     # --- connect and disconnect (called by realtime/server.py's _handle_connect)
 
-    def admission(self, environ: dict[str, Any], auth: Any) -> Admission:
+    def admission(self, environ: dict[str, Any], auth: Any, session_id: str = "-") -> Admission:
         """Check a CONNECT: who is it, may it listen, and can its session be recovered.
 
         :raise ConnectionRefusedError: (Socket.IO's) the refusal, in wire form
@@ -107,15 +128,18 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             creds = credentials.extract(auth, environ)
             principal = self._checker.authorize(creds, address)
             if self._max_per_user and self._per_user[principal.user_id] >= self._max_per_user:
-                raise Refusal("too_many_sockets")
+                refusal = Refusal("too_many_sockets")
+                refusal.user_id = principal.user_id
+                raise refusal
         except Refusal as exc:
-            log.info("refused %s: %s (%.1f ms)", address, exc.code, (time.monotonic() - started) * 1000)
+            self._refused(exc, address, session_id, started)
             raise refusal_to_wire(exc) from None
         except Exception:
             # A bug must not read as a client error: refuse as retryable.
             log.exception("connect check failed")
+            self._refused(Unavailable(), address, session_id, started)
             raise refusal_to_wire(Unavailable()) from None
-        admission = Admission(principal, address, [principal.organization_id])
+        admission = Admission(principal, address, [principal.organization_id], started=started)
         if self._recovery is not None:
             try:
                 if self._fanout.head is None:
@@ -149,6 +173,20 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
                 return  # cannot check: connect without recovery
         admission.recovering = (auth["pid"], saved.sid, offset)
 
+    def _refused(self, exc: Refusal, address: str, session_id: str, started: float) -> None:
+        """The one log line and count of a refused CONNECT."""
+        latency = round((time.monotonic() - started) * 1000, 1)
+        if self._observer is not None:
+            self._observer.attempt(exc.code)
+        log.info("connect refused: %s, address %s, user %s, session %s (%.1f ms)", exc.code, address,
+                 exc.user_id or "-", session_id, latency,
+                 extra={"code": exc.code, "address": address, "user_id": exc.user_id, "session_id": session_id,
+                        "latency_ms": latency})
+
+    def refused_namespace(self, address: str, session_id: str) -> None:
+        """A CONNECT to a namespace orgcast does not serve (realtime/server.py answers it)."""
+        self._refused(Refusal("namespace_invalid"), address, session_id, time.monotonic())
+
     def admit(self, sid: str, admission: Admission) -> list[tuple[str, str]] | None:
         """Admit the socket into its rooms; if it is recovering, return what it missed (None: not recovered).
 
@@ -165,18 +203,32 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             self._fanout.hold(sid)
         for room in rooms:
             self.enter_room(sid, room)
+        if self._presence is not None:
+            for organization_id in admission.organizations:
+                self._presence.entered(organization_id, principal.user_id)
         self._expiry.track(sid, principal.expires_at)
         log.debug("admitted socket %s: user %s, organization %s", sid, principal.user_id,
                   principal.organization_id)
-        if recovering is None or self._recovery is None:
-            return None
-        try:
-            missed = self._recovery.missed(recovering[2], rooms)
-        except Exception:
-            log.exception("reading the history failed: not recovered")
-            missed = None
-        if missed is None:
-            self.sessions[sid].pid = self._recovery.new_pid()  # not recovered: a new session
+        missed = None
+        if recovering is not None and self._recovery is not None:
+            try:
+                missed = self._recovery.missed(recovering[2], rooms)
+            except Exception:
+                log.exception("reading the history failed: not recovered")
+            if missed is None:
+                self.sessions[sid].pid = self._recovery.new_pid()  # not recovered: a new session
+        latency = round((time.monotonic() - admission.started) * 1000, 1)
+        if self._observer is not None:
+            self._observer.attempt("ok")
+            self._observer.socket_opened()
+            if recovering is not None:
+                self._observer.recovery(missed is not None)
+        log.info("connect ok: socket %s, user %s, organization %s, address %s%s (%.1f ms)", sid,
+                 principal.user_id, principal.organization_id, admission.address,
+                 "" if recovering is None else ", recovered" if missed is not None else ", not recovered", latency,
+                 extra={"code": "ok", "socket_id": sid, "user_id": principal.user_id,
+                        "organization_id": principal.organization_id, "address": admission.address,
+                        "latency_ms": latency})
         return missed
 
     def replay(self, sid: str, missed: list[tuple[str, str]] | None) -> None:
@@ -197,6 +249,14 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         session = self.sessions.pop(sid, None)
         if session is None:
             return
+        if self._observer is not None:
+            self._observer.socket_closed()
+        if self._presence is not None and self._closing_all is None:
+            # (A worker closing all its sessions to stop leaves its users to the
+            # others, which forget it once it is gone: clients reconnect meanwhile.)
+            for organization_id in session.organizations:
+                self._presence.left(organization_id, session.user_id)
+        log.debug("socket %s disconnected: %s", sid, reason, extra={"socket_id": sid})
         self._expiry.forget(sid)
         self._per_user[session.user_id] -= 1
         if self._per_user[session.user_id] <= 0:
@@ -246,6 +306,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             return ack_error("bad_request", "The socket disconnected meanwhile.")
         self.enter_room(sid, room)
         session.organizations.append(organization_id)
+        if self._presence is not None:
+            self._presence.entered(organization_id, session.user_id)
         return {"ok": True, "room": room}
 
     def on_unsubscribe(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -259,6 +321,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         if organization_id in session.organizations:
             self.leave_room(sid, room)
             session.organizations.remove(organization_id)
+            if self._presence is not None:
+                self._presence.left(organization_id, session.user_id)
         return {"ok": True, "room": room}
 
     def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:

@@ -179,6 +179,8 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
                  trusted_proxies: tuple[Network, ...] = (), **kwargs: Any) -> None:
         # No service task walking every session: pings and their timeouts are timers.
         super().__init__(monitor_clients=False, **kwargs)
+        #: called for each session refused 429 by the per-address cap (the metrics)
+        self.on_pending_refused: Callable[[], None] | None = None
         self.connect_timeout = connect_timeout
         self.timers = timers
         self.eio.timers = timers
@@ -203,6 +205,8 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         if self._max_pending and self._pending_per_address[address] >= self._max_pending:
             client_log.info("refused an Engine.IO session of %s: %d not admitted yet", address,
                             self._pending_per_address[address])
+            if self.on_pending_refused is not None:
+                self.on_pending_refused()
             return False
         # python-socketio keeps the environ for the session's life; keep only
         # what the connect check reads (credentials, the client's address).
@@ -279,7 +283,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         """
         handler = self.namespace_handlers[NAMESPACE]
         try:
-            admission = handler.admission(self.environ.get(eio_sid, {}), data)
+            admission = handler.admission(self.environ.get(eio_sid, {}), data, eio_sid)
         except socketio.exceptions.ConnectionRefusedError as exc:
             self._send_packet(eio_sid, self.packet_class(sio_packet.CONNECT_ERROR, data=exc.error_args,
                                                          namespace=NAMESPACE))
@@ -329,6 +333,8 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
                 self._send_packet(eio_sid, self.packet_class(
                     sio_packet.CONNECT_ERROR, data=connect_error("namespace_invalid"),
                     namespace=namespace))
+                self.namespace_handlers[NAMESPACE].refused_namespace(
+                    self.environ.get(eio_sid, {}).get(ADDRESS_KEY, "-"), eio_sid)
                 return
             self._handle_connect(eio_sid, namespace, pkt.data)
             if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None:

@@ -148,6 +148,8 @@ class WebSocket:
     max_buffer: int = 4 * 1048576
     #: seconds the flusher waits for a peer to take more bytes before giving up
     write_timeout: float = 30.0
+    #: called for each peer cut off for not reading (set by create_app: the metrics)
+    on_slow_consumer: Callable[[], None] | None = None
 
     def __init__(self, sock: Any, owner: Any = None) -> None:
         self.sock = sock
@@ -392,7 +394,9 @@ class WebSocket:
                 self.backlog = None
 
     def slow_consumer_closed(self) -> None:
-        """Hook: a peer was cut off for not reading (counted by metrics later)."""
+        """A peer was cut off for not reading: tell the metrics."""
+        if WebSocket.on_slow_consumer is not None:
+            WebSocket.on_slow_consumer()
 
     # --- closing
 
