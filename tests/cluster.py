@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from conftest import Listener, Server
+from conftest import Listener, Server, start_gunicorn
 from throwaway import children_of
 
 
@@ -76,6 +78,22 @@ class Cluster:
                     return index, int(found.group(1))
             assert time.monotonic() < deadline, f"no log line for socket {sid}"
             time.sleep(0.02)
+
+
+@contextmanager
+def running(env: dict[str, str], tmp_path: Path, workers: list[int]) -> Iterator[Cluster]:
+    """One gunicorn instance per entry of ``workers`` (its worker count), all listening; stopped after."""
+    servers: list[Server] = []
+    try:
+        for count in workers:
+            servers.append(start_gunicorn({"ORGCAST_LOG_LEVEL": "debug", **env, "WEB_CONCURRENCY": str(count)},
+                                          tmp_path))
+        found = Cluster(servers, workers)
+        found.wait_listening()
+        yield found
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def _admitted(sid: str) -> re.Pattern[str]:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 # --- services -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[ThrowawayPostgres]:
+@contextmanager
+def fresh_database() -> Iterator[ThrowawayPostgres]:
+    """A throwaway Postgres with the application's schema and the test data."""
     pg = ThrowawayPostgres().start()
     try:
         pg.load(ROOT / "scripts" / "schema.sql")
@@ -46,6 +48,12 @@ def postgres() -> Iterator[ThrowawayPostgres]:
         yield pg
     finally:
         pg.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[ThrowawayPostgres]:
+    with fresh_database() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

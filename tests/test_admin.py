@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import requests
-from cluster import Cluster
-from conftest import API_KEY, Server, base_env, publish, start_gunicorn
+from cluster import Cluster, running
+from conftest import API_KEY, Server, base_env, publish
 
 pytestmark = pytest.mark.slow
 
@@ -46,17 +46,9 @@ def test_the_status_page_is_served_without_data_or_key(gunicorn_server: Server) 
 @pytest.fixture(params=["postgres", "redis"])
 def two_instances(request: pytest.FixtureRequest, postgres: Any, redis_server: Any,
                   tmp_path: Path) -> Iterator[Cluster]:
-    env = base_env(postgres, WEB_CONCURRENCY="2", ORGCAST_LOG_LEVEL="debug")
-    if request.param == "redis":
-        env["REDIS_URL"] = redis_server.url
-    servers = [start_gunicorn(env, tmp_path) for _ in range(2)]
-    try:
-        found = Cluster(servers, [2, 2])
-        found.wait_listening()
+    env = base_env(postgres, **({"REDIS_URL": redis_server.url} if request.param == "redis" else {}))
+    with running(env, tmp_path, [2, 2]) as found:
         yield found
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def wait_stats(server: Server, check: Any, timeout: float = 10.0) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 import requests
-from cluster import Cluster
-from conftest import API_KEY, ROOT, Listener, base_env, publish, start_gunicorn, unique
+from cluster import Cluster, running
+from conftest import API_KEY, ROOT, Listener, base_env, publish, unique
 from php_emitter import ashiina_frames, rase_frame
 
 pytestmark = pytest.mark.slow
@@ -37,18 +37,9 @@ def cluster(request: pytest.FixtureRequest, postgres: Any, redis_server: Any,
     if request.param == "redis":
         env["REDIS_URL"] = redis_server.url
     postgres.psql(ATTACHMENTS)
-    tmp = tmp_path_factory.mktemp(f"cluster-{request.param}")
-    servers = []
-    try:
-        for workers in (4, 2):
-            servers.append(start_gunicorn({**env, "WEB_CONCURRENCY": str(workers)}, tmp))
-        found = Cluster(servers, [4, 2])
+    with running(env, tmp_path_factory.mktemp(f"cluster-{request.param}"), [4, 2]) as found:
         found.kind = request.param  # type: ignore[attr-defined]
-        found.wait_listening()
         yield found
-    finally:
-        for server in servers:
-            server.stop()
 
 
 #: tests of the Redis emitters run on the Redis cluster only (they need REDIS_URL)

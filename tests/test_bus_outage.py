@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 from cluster import Cluster
-from conftest import ROOT, Listener, base_env, publish, start_gunicorn, unique
+from conftest import Listener, base_env, fresh_database, publish, start_gunicorn, unique
 from throwaway import ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = pytest.mark.slow
@@ -21,13 +21,8 @@ BOB = {"token": "tok-bob", "organizationId": "org-a"}
 
 @pytest.fixture
 def own_postgres() -> Iterator[ThrowawayPostgres]:
-    pg = ThrowawayPostgres().start()
-    try:
-        pg.load(ROOT / "scripts" / "schema.sql")
-        pg.load(ROOT / "tests" / "data.sql")
+    with fresh_database() as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 @pytest.fixture

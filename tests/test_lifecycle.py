@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, ROOT, Listener, Server, base_env, publish, start_gunicorn, unique
+from conftest import API_KEY, Listener, Server, base_env, fresh_database, publish, start_gunicorn, unique
 from protocol import RawSession, raw_http, upgrade_request
 from throwaway import ThrowawayPostgres
 
@@ -207,15 +207,10 @@ def test_the_sockets_per_user_limit(postgres: Any, gunicorn_factory: Any, listen
 @pytest.fixture
 def logged_postgres() -> Iterator[ThrowawayPostgres]:
     """A Postgres of its own that logs every statement (to count the lookups)."""
-    pg = ThrowawayPostgres().start()
-    try:
-        pg.load(ROOT / "scripts" / "schema.sql")
-        pg.load(ROOT / "tests" / "data.sql")
+    with fresh_database() as pg:
         pg.psql("ALTER SYSTEM SET log_statement = 'all'")
         pg.psql("SELECT pg_reload_conf()")
         yield pg
-    finally:
-        pg.stop()
 
 
 def lookups(pg: ThrowawayPostgres, token: str | None = None) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import requests
-from cluster import Cluster
-from conftest import API_KEY, Listener, Server, base_env, publish, start_gunicorn, unique
+from cluster import Cluster, running
+from conftest import API_KEY, Listener, Server, base_env, publish, unique
 
 pytestmark = pytest.mark.slow
 
@@ -49,18 +49,9 @@ def users(body: dict[str, Any]) -> dict[str, int]:
 @pytest.fixture(params=["postgres-4-workers", "postgres-2-instances", "redis-4-workers", "redis-2-instances"])
 def deployment(request: pytest.FixtureRequest, postgres: Any, redis_server: Any, tmp_path: Path) -> Iterator[Cluster]:
     bus, shape = request.param.split("-", 1)
-    env = base_env(postgres, ORGCAST_LOG_LEVEL="debug")
-    if bus == "redis":
-        env["REDIS_URL"] = redis_server.url
-    counts = [4] if shape == "4-workers" else [2, 2]
-    servers = [start_gunicorn({**env, "WEB_CONCURRENCY": str(n)}, tmp_path) for n in counts]
-    try:
-        found = Cluster(servers, counts)
-        found.wait_listening()
+    env = base_env(postgres, **({"REDIS_URL": redis_server.url} if bus == "redis" else {}))
+    with running(env, tmp_path, [4] if shape == "4-workers" else [2, 2]) as found:
         yield found
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_presence_counts_every_socket_on_every_worker(deployment: Cluster, listen: Any) -> None:
@@ -135,17 +126,10 @@ def presence_events(listener: Listener, server: Server) -> list[tuple[str, Any]]
 
 @pytest.fixture(params=["postgres", "redis"])
 def with_events(request: pytest.FixtureRequest, postgres: Any, redis_server: Any, tmp_path: Path) -> Iterator[Cluster]:
-    env = base_env(postgres, ORGCAST_LOG_LEVEL="debug", ORGCAST_PRESENCE_EVENTS="true", WEB_CONCURRENCY="2")
-    if request.param == "redis":
-        env["REDIS_URL"] = redis_server.url
-    servers = [start_gunicorn(env, tmp_path) for _ in range(2)]
-    try:
-        found = Cluster(servers, [2, 2])
-        found.wait_listening()
+    env = base_env(postgres, ORGCAST_PRESENCE_EVENTS="true",
+                   **({"REDIS_URL": redis_server.url} if request.param == "redis" else {}))
+    with running(env, tmp_path, [2, 2]) as found:
         yield found
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_join_and_leave_once_per_user_whatever_its_sockets(with_events: Cluster, listen: Any) -> None:
