@@ -142,15 +142,19 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         """Ping in ``ping_interval`` seconds (python-engineio: after each pong)."""
         if self.last_ping:  # type: ignore[has-type]
             self.last_ping = None
-            self.server.timers.call_later(self.server.ping_interval, self._ping)
+            self.server.timers.call_later(self.server.ping_interval, self._ping,
+                                          time.monotonic() + self.server.ping_interval)
 
-    def _ping(self) -> None:
+    def _ping(self, due: float) -> None:
         if self.closing or self.closed:
             return
         self._ping_seq += 1
         self.last_ping = time.time()  # type: ignore[assignment]
         self.send(eio_packet.Packet(eio_packet.PING))
-        self.server.timers.call_later(self.server.ping_timeout, self._pong_overdue, self._ping_seq)
+        # The deadline counts from when the ping was due, as Node's timers do,
+        # not from when the timer heap got to it.
+        self.server.timers.call_later(due + self.server.ping_timeout - time.monotonic(), self._pong_overdue,
+                                      self._ping_seq)
 
     def _pong_overdue(self, seq: int) -> None:
         if seq == self._ping_seq and self.last_ping and not (self.closing or self.closed):

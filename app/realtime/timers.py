@@ -43,7 +43,9 @@ class Timer:
 class Timers:
     """Run callbacks at monotonic deadlines, in order, from one greenlet."""
 
-    def __init__(self, resolution: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+    #: at most this late (10 ms: a ping timeout closes the session when Node's would, give or take
+    #: a scheduler tick), and at most one wake-up per resolution however many deadlines are near
+    def __init__(self, resolution: float = 0.01, clock: Callable[[], float] = time.monotonic) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._wake = gevent.event.Event()
