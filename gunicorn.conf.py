@@ -142,6 +142,13 @@ def post_worker_init(worker):
         runtime.start()
 
 
+def worker_abort(worker):
+    """A timed-out worker (WORKER TIMEOUT): log what each greenlet was doing."""
+    from gevent.util import format_run_info
+
+    worker.log.critical("worker %s timed out; its greenlets:\n%s", worker.pid, "\n".join(format_run_info()))
+
+
 def worker_exit(server, worker):
     """Close the bus listeners' connections of a worker that stops."""
     runtime = getattr(getattr(worker, "wsgi", None), "runtime", None)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -235,6 +236,39 @@ def test_database_frozen(pg: ThrowawayPostgres, gunicorn_factory: Any, listen: A
     # Warm the pool, so the hang meets idle connections as well as new ones.
     assert readyz(server)[0] == 200
     _hang_and_recover(server, listen, pg.pause, pg.resume, readiness_fails=True)
+
+
+def _unread_by_server(server_port: int, client_port: int) -> int:
+    """Bytes the server side of a TCP connection on 127.0.0.1 has received and not read."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[1], 16)
+    return 0
+
+
+def test_a_worker_stops_promptly_with_its_bus_listener_in_a_query_to_a_frozen_database(
+        pg: ThrowawayPostgres, gunicorn_factory: Any) -> None:
+    """SIGTERM while the listener waits on its keepalive (psycopg2 holds the connection's
+    mutex through it): closing that connection under it blocked the worker until SIGKILL."""
+    import signal
+
+    server = gunicorn_factory(base_env(pg, ORGCAST_DB_TIMEOUT="1"))
+    listener_port = int(pg.psql("SELECT client_port FROM pg_stat_activity "
+                                "WHERE application_name = 'orgcast-listen'").split()[0])
+    pg.pause()
+    deadline = time.monotonic() + 15  # the listener sends its keepalive within 5 s of quiet
+    while _unread_by_server(pg.port, listener_port) == 0:
+        assert time.monotonic() < deadline, "the listener never sent its keepalive"
+        time.sleep(0.05)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(20)
+    took = time.monotonic() - started
+    pg.resume()
+    assert "SIGKILL" not in server.output() and "WORKER TIMEOUT" not in server.output()
+    assert took < 8, f"the worker took {took:.1f}s to stop (graceful_timeout is 10)"
 
 
 def test_token_sql_slow(pg: ThrowawayPostgres, gunicorn_factory: Any, listen: Any) -> None:

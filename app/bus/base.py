@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 SourceHandler = Callable[[str, Any], None]
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
+#: seconds stop() waits for the listener to unwind
+STOP_WAIT = 2.0
 
 
 class Observer(Protocol):
@@ -111,8 +113,10 @@ class Bus:
         """
         raise NotImplementedError
 
-    def take_session(self, pid: str) -> str | None:
-        """Return and forget the record of a disconnected session kept within the window.
+    def take_sessions(self, pids: list[str]) -> list[str | None]:
+        """Return and forget the records of disconnected sessions kept within the window, one per pid.
+
+        A pid given twice is answered once (the first time), like two takes.
 
         :raise Unavailable: the store did not answer
         """
@@ -159,10 +163,20 @@ class Bus:
         self._runner = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        """Stop listening and close the connections."""
+        """Stop listening and close the connections.
+
+        The listener is killed (and waited for) before its connection closes:
+        psycopg2 holds a connection's mutex through a query, across the green
+        wait, so closing it under a listener suspended in a query blocks the
+        whole process on that mutex (a worker stuck at exit until SIGKILL).
+        """
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner.kill(block=False)
+            runner.kill(block=True, timeout=STOP_WAIT)
+            if not runner.dead:
+                log.warning("%s bus listener did not stop; leaving its connection to the exit", self.name)
+                self.state = IDLE
+                return
         self._close()
         self.state = IDLE
 
