@@ -89,11 +89,10 @@ def create_app(settings: Settings | None = None) -> Any:
     limiter: Any = FailureCounter(settings.auth_failures, settings.auth_failure_window)
     if settings.redis_url:
         # Shared by every worker and instance (README, "Brute force").
-        import redis
+        from app.bus.redis import bounded_client
 
         limiter = RedisFailureCounter(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=settings.db_timeout,
-                                 socket_connect_timeout=settings.db_timeout),
+            bounded_client(settings.redis_url, settings.db_timeout, settings.db_pool_size),
             f"{settings.emitter_prefix}:orgcast:failures:", settings.auth_failures, settings.auth_failure_window)
     checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
                           cache_ttl=settings.auth_cache_ttl, limiter=limiter, waiter=AsyncResult,
@@ -118,7 +117,8 @@ def create_app(settings: Settings | None = None) -> Any:
         from app.bus.redis import RedisBus, make_redis_probe
         from app.publish.redis_emitter import RedisEmitterSource
 
-        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix, history=history)
+        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix,
+                       connections=settings.db_pool_size, history=history)
         checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
     for listener in {postgres, bus}:
         listener.observer = metrics

@@ -155,3 +155,14 @@ def test_a_session_is_taken_once_and_only_within_the_window(store: Store, postgr
     other = recovery.new_pid()
     recovery.save([(other, saved)])
     assert late.take(other) is None  # past the window by the record's own clock too
+
+
+def test_sessions_taken_together_are_each_answered_once(store: Store) -> None:
+    """A restart's reconnects take their sessions in one round trip (``take_sessions``)."""
+    recovery = Recovery(store.bus, window=WINDOW)
+    records = [(recovery.new_pid(), Saved(f"sid-{i}", f"u-{i}", ["org-a"], "7", time.time())) for i in range(3)]
+    recovery.save(records)
+    (a, _), (b, _), (c, _) = records
+    answers = store.bus.take_sessions([a, "no-such-pid", b, a, c])
+    assert [json.loads(r)["sid"] if r else None for r in answers] == ["sid-0", None, "sid-1", None, "sid-2"]
+    assert store.bus.take_sessions([a, b, c]) == [None, None, None]

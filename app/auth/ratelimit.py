@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.gather import Shared
+
 log = logging.getLogger(__name__)
 
 
@@ -68,10 +70,13 @@ class RedisFailureCounter(FailureCounter):
         self._client = client
         self._prefix = prefix
         self._warned = False
+        # Every connect asks; in a storm (or behind one proxy address) thousands
+        # at once ask the same: those in flight together share one GET.
+        self._get: Shared[str, Any] = Shared(lambda address: self._client.get(self._prefix + address))
 
     def limited(self, address: str) -> bool:
         try:
-            value = self._client.get(self._prefix + address)
+            value = self._get(address)
         except Exception as exc:  # Redis down or slow: count in this process meanwhile
             self._redis_failed(exc)
             return super().limited(address)

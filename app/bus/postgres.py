@@ -213,13 +213,14 @@ class PostgresBus(Bus):
                 "ON CONFLICT (pid) DO UPDATE SET record = EXCLUDED.record, created_at = now() RETURNING 1) "
                 "SELECT count(*) FROM saved", {"pids": [p for p, _ in records], "records": [r for _, r in records]})
 
-    def take_session(self, pid: str) -> str | None:
+    def take_sessions(self, pids: list[str]) -> list[str | None]:
         if self._history is None:
-            return None
-        row = self._db.fetch_one(
-            f"DELETE FROM orgcast.sessions WHERE pid = %(pid)s AND created_at > now() - interval "
-            f"'{float(self._history[0])} seconds' RETURNING record", {"pid": pid})
-        return str(row[0]) if row is not None else None
+            return [None] * len(pids)
+        rows = self._db.fetch_all(
+            f"DELETE FROM orgcast.sessions WHERE pid = ANY(%(pids)s) AND created_at > now() - interval "
+            f"'{float(self._history[0])} seconds' RETURNING pid, record", {"pids": list(set(pids))})
+        kept = {str(pid): str(record) for pid, record in rows}
+        return [kept.pop(pid, None) for pid in pids]
 
     def presence_join(self, organization_id: str, user_id: str, worker: str) -> bool:
         row = self._db.fetch_one(_PRESENCE_JOIN, {"org": organization_id, "user": user_id, "worker": worker})

@@ -138,7 +138,7 @@ class RedisBus(Bus):
 
     name = "redis"
 
-    def __init__(self, url: str, *, timeout: float, emitter_prefix: str,
+    def __init__(self, url: str, *, timeout: float, emitter_prefix: str, connections: int = 10,
                  on_source: SourceHandler | None = None, history: tuple[float, int] | None = None) -> None:
         super().__init__()
         #: (window seconds, events per room) when recovery keeps history here
@@ -146,7 +146,7 @@ class RedisBus(Bus):
         self.recording = history is not None
         self._url = url
         self._timeout = timeout
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._client = bounded_client(url, timeout, connections)
         self._patterns = (f"{emitter_prefix}#*", f"{emitter_prefix}-request#*")
         self._lock_key = f"{emitter_prefix}:orgcast:emitter-leader"
         self._token = secrets.token_hex(8)
@@ -254,14 +254,17 @@ class RedisBus(Bus):
         except (redis.RedisError, OSError) as exc:
             raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
 
-    def take_session(self, pid: str) -> str | None:
+    def take_sessions(self, pids: list[str]) -> list[str | None]:
         if self._history is None:
-            return None
+            return [None] * len(pids)
         try:
-            record = self._client.getdel(SESSION_PREFIX + pid)
+            pipe = self._client.pipeline(transaction=False)
+            for pid in pids:
+                pipe.getdel(SESSION_PREFIX + pid)
+            records = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
-        return record.decode() if isinstance(record, bytes) else None
+        return [r.decode() if isinstance(r, bytes) else None for r in records]
 
     def _listen(self) -> None:
         listener = redis.Redis.from_url(self._url, socket_timeout=None, socket_connect_timeout=self._timeout,
@@ -321,12 +324,24 @@ class RedisBus(Bus):
             self.leader = False
 
 
+def bounded_client(url: str, timeout: float, connections: int) -> redis.Redis:
+    """A client of at most ``connections`` connections, waiting up to ``timeout`` for one.
+
+    Bounded like the database's pool: in a reconnect storm thousands of
+    greenlets ask at once, and redis-py's default pool would open one
+    connection to Redis for each of them.
+    """
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=timeout,
+                                                 socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis(connection_pool=pool)
+
+
 def make_redis_probe(url: str, timeout: float) -> Callable[[], float]:
     """Return a readiness probe that pings Redis and returns the latency in ms.
 
     :raise Unavailable: (from the probe) Redis did not answer in time
     """
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = bounded_client(url, timeout, 2)
 
     def probe() -> float:
         started = time.monotonic()

@@ -107,7 +107,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self._checker = checker
         self._fanout = fanout
         self._recovery = recovery
-        self._closing_all: list[tuple[str, Saved]] | None = None
+        #: set while the worker closes every session to stop (see closing_all)
+        self._closing_all = False
         self._max_subscriptions = max_subscriptions
         self._max_per_user = max_sockets_per_user
         self._expiry = ExpiryClock(timers, expiry_warning, self._warn_expiring, self._expired)
@@ -251,7 +252,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             return
         if self._observer is not None:
             self._observer.socket_closed()
-        if self._presence is not None and self._closing_all is None:
+        if self._presence is not None and not self._closing_all:
             # (A worker closing all its sessions to stop leaves its users to the
             # others, which forget it once it is gone: clients reconnect meanwhile.)
             for organization_id in session.organizations:
@@ -261,26 +262,32 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self._per_user[session.user_id] -= 1
         if self._per_user[session.user_id] <= 0:
             del self._per_user[session.user_id]
-        if self._recovery is not None and session.pid is not None and (
-                reason in RECOVERABLE or self._closing_all is not None):
-            saved = Saved(sid, session.user_id, session.organizations, session.head, time.time())
-            if self._closing_all is not None:
-                self._closing_all.append((session.pid, saved))
-            else:
-                self._recovery.save([(session.pid, saved)])
+        if self._recovery is not None and session.pid is not None and not self._closing_all \
+                and reason in RECOVERABLE:
+            self._recovery.save([(session.pid, self._saved(sid, session))])
+
+    @staticmethod
+    def _saved(sid: str, session: Session) -> Saved:
+        return Saved(sid, session.user_id, session.organizations, session.head, time.time())
 
     def closing_all(self) -> Any:
-        """A context for a worker closing every session: keep them all in one write."""
+        """A context for a worker closing every session: keep them all first, in one write.
+
+        Kept before the transports close: the clients reconnect at once, and
+        their new worker must find their sessions already there.
+        """
         namespace = self
 
         class _Batch:
             def __enter__(self) -> None:
-                namespace._closing_all = []
+                namespace._closing_all = True
+                if namespace._recovery is not None:
+                    namespace._recovery.save([(session.pid, namespace._saved(sid, session))
+                                              for sid, session in list(namespace.sessions.items())
+                                              if session.pid is not None])
 
             def __exit__(self, *exc: Any) -> None:
-                batch, namespace._closing_all = namespace._closing_all or [], None
-                if batch and namespace._recovery is not None:
-                    namespace._recovery.save(batch)
+                namespace._closing_all = False
 
         return _Batch()
 

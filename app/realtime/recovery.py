@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from app.errors import Unavailable
+from app.gather import Gathered, Shared
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class HistoryStore(Protocol):
     def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None: ...
     def history_head(self) -> str: ...
     def save_sessions(self, records: list[tuple[str, str]]) -> None: ...
-    def take_session(self, pid: str) -> str | None: ...
+    def take_sessions(self, pids: list[str]) -> list[str | None]: ...
 
 
 @dataclass
@@ -61,6 +62,12 @@ class Recovery:
         self._store = store
         self._window = window
         self._clock = clock
+        # A restart brings every client back at once: one round trip for all
+        # the takes waiting, one for each distinct question (gather.py).
+        self._take: Gathered[str, str | None] = Gathered(store.take_sessions)
+        self._since: Shared[tuple[str, tuple[str, ...]], Any] = Shared(
+            lambda key: store.history_since(key[0], list(key[1])))
+        self._head: Shared[str, str] = Shared(lambda _: store.history_head())
 
     @staticmethod
     def new_pid() -> str:
@@ -70,7 +77,7 @@ class Recovery:
     def head(self) -> str | None:
         """The newest offset of the history, None when it does not answer."""
         try:
-            return self._store.history_head()
+            return self._head("")
         except Unavailable as exc:
             log.warning("history head unknown: %s", exc.message)
             return None
@@ -80,7 +87,7 @@ class Recovery:
         if not isinstance(pid, str) or not 0 < len(pid) <= 64:
             return None
         try:
-            record = self._store.take_session(pid)
+            record = self._take(pid)
         except Unavailable as exc:
             log.warning("recovery skipped: %s", exc.message)
             return None
@@ -104,7 +111,7 @@ class Recovery:
     def missed(self, offset: str, rooms: list[str]) -> list[tuple[str, str]] | None:
         """Events after ``offset`` for a socket in ``rooms``: (offset, args), in order; None: not recoverable."""
         try:
-            events = self._store.history_since(offset, rooms)
+            events = self._since((offset, tuple(rooms)))
         except Unavailable as exc:
             log.warning("recovery skipped: %s", exc.message)
             return None
