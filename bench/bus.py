@@ -23,7 +23,7 @@ import argparse
 import time
 from typing import Any
 
-from common import DISTURBED_PCT, CpuMeter, JsLoadGen, TempDir, fmt, log, pin_tree, wait_quiet
+from common import DISTURBED_PCT, CpuMeter, JsLoadGen, TempDir, fmt, log, pin_tree, run_repeating, wait_quiet
 from report import median_or_none, results_path, save
 from servers import Orgcast, ThrowawayPostgres, fill_database, versions
 
@@ -75,17 +75,9 @@ def run_bus_bench(args: argparse.Namespace, argv: list[str], server_core: int | 
         for i in range(args.rounds):
             for bus in args.buses:
                 for topology in (TOPOLOGIES if i % 2 == 0 else TOPOLOGIES[::-1]):
-                    while True:
-                        r = run_one(bus, topology, i + 1, args, pg, redis_url if bus == "redis" else None, tmp,
-                                    server_core, lg_core, load)
-                        runs.append(r)
-                        other = other_work(r)
-                        if "error" in r or other <= DISTURBED_PCT or retries_left <= 0:
-                            break
-                        r["discarded"] = f"other work took ~{other:.0f}% of a core; repeated"
-                        retries_left -= 1
-                        log(f"  {bus} {topology}: disturbed by other work (~{other:.0f}% of a core), "
-                            f"repeating it ({retries_left} repeats left)")
+                    retries_left = run_repeating(f"{bus} {topology}", runs, retries_left, run_one, bus, topology,
+                                                 i + 1, args, pg, redis_url if bus == "redis" else None, tmp,
+                                                 server_core, lg_core, load, other=other_work)
     finally:
         if redis is not None:
             redis.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -115,6 +116,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process tree so far: the live processes, plus the children their parents
+    have reaped (cutime, cstime): gunicorn workers replaced by a reload still count."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in descendants(root):
+        try:
+            fields = _stat_fields(Path(f"/proc/{pid}/stat").read_text())
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total / ticks
+
+
 def all_process_cpu() -> dict[int, tuple[int, float]]:
     """{pid: (parent pid, CPU seconds)} of every process on the machine."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -127,6 +142,13 @@ def all_process_cpu() -> dict[int, tuple[int, float]]:
                 continue
             out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
     return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def tree_of(root: int, procs: dict[int, tuple[int, float]]) -> set[int]:
@@ -170,7 +192,7 @@ class CpuMeter:
     def _read() -> tuple[float, dict[int, tuple[int, int, int]], dict[int, tuple[int, float]]]:
         return time.monotonic(), _core_ticks(), all_process_cpu()
 
-    def lap(self) -> dict[str, float | None]:
+    def lap(self) -> dict[str, Any]:
         """Utilization since the creation or the last lap, in percent of one core."""
         t1, c1, procs1 = now = self._read()
         t0, c0, procs0 = self.last
@@ -185,7 +207,7 @@ class CpuMeter:
         ours = tree_of(os.getpid(), procs1)
         kernel = {p for p, (ppid, _) in procs1.items() if p == 2 or ppid == 2}
         others = set(procs1) - ours - kernel
-        out: dict[str, float | None] = {
+        out: dict[str, Any] = {
             "wall_s": round(wall, 3),
             "server_pct": round(used({self.pid}), 1) if self.pid else None,
             "postgres_pct": round(used(tree_of(self.pg_root, procs1)), 1) if self.pg_root else None,
@@ -203,11 +225,31 @@ class CpuMeter:
         out.update({"kernel_threads_pct": round(kernel_pct, 1), "irq_pct": round(irq, 1),
                     "other_processes_pct": round(others_pct, 1), "unaccounted_pct": round(gone_pct, 1),
                     "other_work_pct": round(others_pct + gone_pct, 1)})
+        if others_pct >= 5.0:
+            # who it was (the three busiest processes that are not ours)
+            top = sorted(((used({p}), p) for p in others), reverse=True)[:3]
+            out["other_top"] = [f"{_comm(p)}[{p}] {pct:.0f}%" for pct, p in top if pct >= 1.0]
         return out
 
 
 #: a scenario during which other work took more than this (percent of a core) is flagged
 DISTURBED_PCT = 25.0
+
+
+def run_repeating(what: str, runs: list[dict[str, Any]], left: int, once: Callable[..., dict[str, Any]],
+                  *args: Any, other: Callable[[dict[str, Any]], float] | None = None) -> int:
+    """Run ``once(*args)`` into ``runs``, repeating it while other work disturbed it (up to
+    ``left`` repeats in all); return the repeats left. ``other``: the percent of a core other
+    work took (default: the whole run's)."""
+    while True:
+        r = once(*args)
+        runs.append(r)
+        busy = other(r) if other is not None else float((r.get("cpu") or {}).get("other_work_pct") or 0.0)
+        if "error" in r or busy <= DISTURBED_PCT or left <= 0:
+            return left
+        r["discarded"] = f"other work took ~{busy:.0f}% of a core; repeated"
+        left -= 1
+        log(f"  {what}: disturbed by other work (~{busy:.0f}% of a core), repeating it ({left} repeats left)")
 
 
 def wait_quiet(max_wait: float, limit: float = 15.0) -> dict[str, Any]:
@@ -252,6 +294,44 @@ def tail(path: Path, n: int = 3000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+#: server log lines worth reporting
+PROBLEM_RE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|\bWARNING\b|exception|timed out|Unavailable", re.I)
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_problems(path: Path, start: int = 0, end: int | None = None, limit: int = 10) -> dict[str, Any]:
+    """Lines of a server log (bytes ``start`` to ``end``) that look like trouble: how many, how many
+    of each message (timestamps, pids and numbers left out), and the first ones."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(max(0, end - start))
+    except OSError:
+        return {"count": 0, "kinds": {}, "first": [], "tracebacks": []}
+    lines = data.decode(errors="replace").splitlines()
+    bad = [ln for ln in lines if PROBLEM_RE.search(ln)]
+    # Whole tracebacks: from "Traceback" to the next line that starts with a timestamp.
+    tracebacks: list[str] = []
+    for i, ln in enumerate(lines):
+        if ln.startswith("Traceback") and len(tracebacks) < 3:
+            j = i + 1
+            while j < len(lines) and not re.match(r"^\[?\d{4}-\d\d-\d\d", lines[j]):
+                j += 1
+            tracebacks.append("\n".join(lines[max(0, i - 1):j])[-4000:])
+    kinds: dict[str, int] = {}
+    for ln in bad:
+        text = re.sub(r"\d+", "N", re.sub(r"^\[?\d{4}-\d\d-\d\d[^\]]*\]?\s*(\[\d+\]\s*)?", "", ln))[:200]
+        kinds[text] = kinds.get(text, 0) + 1
+    top = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:limit])
+    return {"count": len(bad), "kinds": top, "first": [ln[:300] for ln in bad[:limit]], "tracebacks": tracebacks}
 
 
 class TempDir:

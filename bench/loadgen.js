@@ -22,6 +22,17 @@
 //            POST /api/v1/organizations/<org>/events on config.publishPort
 //            (another server process, or the same), round-robin over the
 //            organizations, open loop, and check off every delivery.
+//   storm    connect config.sockets clients of config.users users (client k
+//            is user (k % users) + 1: many sockets share one token),
+//            config.concurrency in flight, and print the "connected" line.
+//            Then "watch" on stdin prints {"phase":"armed"} and, from then
+//            on, every client the server closes reconnects at once (with the
+//            pid of its CONNECT ack, as socket.io-client 4.6+ does), retried
+//            after 1 s when refused, at most 5 attempts; the
+//            "reconnected" line comes when all are back (or after
+//            config.restartTimeoutMs). "stop" closes everything.
+//   probe    connect one client, publish one event, print the raw text of
+//            the frame that delivered it (what the fan-out parsers see).
 //
 // Output: one JSON object per line on stdout; the last one has "final": true.
 // Traffic goes only to config.host, which must be a loopback address; every
@@ -108,7 +119,7 @@ class Client {
   // index: 0-based client number; the user and organization follow from it
   constructor(index, port, onEvent) {
     this.index = index;
-    this.user = index + 1 + USER_OFFSET;
+    this.user = (cfg.users ? index % cfg.users : index) + 1 + USER_OFFSET;
     this.org = String(((this.user - 1) % ORGS) + 1);
     this.port = port;
     this.onEvent = onEvent;
@@ -120,6 +131,10 @@ class Client {
     this.closed = false;
     this.pings = 0;
     this.done = null;
+    this.resumePid = null; // sent in the CONNECT payload (storm: a reconnect)
+    this.pid = null; // the private session id of the CONNECT ack (recovery on)
+    this.recovered = false; // the ack gave back the pid we sent
+    this.onDrop = null; // called when the server closes a connected client
   }
 
   // Resolves {ok, code, ms, ackMs}; never rejects.
@@ -135,7 +150,8 @@ class Client {
       };
       this.onOpen = () => {
         tSent = now();
-        this.sendText(`40{"token":"${tokenOf(this.user)}","organizationId":"${this.org}"}`);
+        const pid = this.resumePid ? `,"pid":"${this.resumePid}"` : '';
+        this.sendText(`40{"token":"${tokenOf(this.user)}","organizationId":"${this.org}"${pid}}`);
       };
       const sock = net.connect({ host: HOST, port: this.port });
       this.sock = sock;
@@ -151,7 +167,10 @@ class Client {
   // the socket was dropped.
   fail(code) {
     if (this.done) this.done(false, code);
-    else if (this.connected && !this.closed) dropped++;
+    else if (this.connected && !this.closed) {
+      dropped++;
+      if (this.onDrop) this.onDrop(this, code);
+    }
     this.connected = false;
     this.closed = true;
     this.terminate();
@@ -236,6 +255,12 @@ class Client {
         if (this.onEvent) this.onEvent(this, data);
       } else if (c1 === 0x30) { // 40{"sid":...}: CONNECT ack
         this.connected = true;
+        if (cfg.trackPid) {
+          try {
+            this.pid = JSON.parse(data.toString('utf8', 2)).pid || null;
+          } catch (e) { /* no pid */ }
+          this.recovered = this.resumePid !== null && this.pid === this.resumePid;
+        }
         if (this.done) this.done(true, null);
       } else if (c1 === 0x34) { // 44{...}: refused
         let code = 'connect_error';
@@ -368,6 +393,130 @@ async function socketsMode() {
   const open = all.filter((c) => !c.closed).length;
   closeAll(all);
   out({ final: true, stages, open_at_end: open, dropped, pings_answered: pings });
+}
+
+// --- storm: many sockets per token, then a restart that closes them all -----------
+
+async function stormMode() {
+  phase = 'storm';
+  const { clients, stats } = await connectMany(0, cfg.sockets, PORT, null);
+  const users = new Set(clients.map((c) => c.user)).size;
+  out({ phase: 'connected', open: clients.filter((c) => !c.closed).length, users, ...stats });
+  let cmd = await takeLine();
+  if (cmd === 'watch') {
+    phase = 'restart';
+    const live = clients.filter((c) => !c.closed);
+    const r = await watchRestart(live);
+    clients.splice(0, clients.length, ...r.clients);
+    delete r.clients;
+    out({ phase: 'reconnected', ...r });
+    cmd = await takeLine();
+  }
+  const open = clients.filter((c) => !c.closed).length;
+  closeAll(clients);
+  out({ final: true, open_at_end: open, dropped });
+}
+
+// Every client that the server closes from now on reconnects at once; resolves when
+// all of `live` are back (or at the timeout) with what it saw. Times are ms since "armed".
+function watchRestart(live) {
+  return new Promise((resolve) => {
+    const t0 = now();
+    const n = live.length;
+    const reasons = {};
+    const errors = {};
+    const lat = [];
+    const back = new Array(n).fill(null);
+    let firstDrop = null;
+    let lastDrop = null;
+    let firstAck = null;
+    let lastAck = null;
+    let reconnected = 0;
+    let recovered = 0;
+    let attempts = 0;
+    let inFlight = 0;
+    let maxInFlight = 0;
+    let finished = false;
+    const cpu0 = process.cpuUsage();
+    const finish = (timedOut) => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(timer);
+      const ms = (t) => (t === null ? null : t - t0);
+      resolve({
+        sockets: n, dropped: Object.values(reasons).reduce((a, b) => a + b, 0), close_reasons: reasons,
+        reconnected, recovered, attempts, errors, timed_out: timedOut, max_in_flight: maxInFlight,
+        first_drop_ms: ms(firstDrop), last_drop_ms: ms(lastDrop), first_ack_ms: ms(firstAck),
+        last_ack_ms: ms(lastAck),
+        drop_to_last_ack_ms: firstDrop !== null && lastAck !== null ? lastAck - firstDrop : null,
+        reconnect_ms: summarize(lat), loadgen_cpu_pct: cpuPct(cpu0, now() - t0),
+        clients: back.map((c, i) => c || live[i]),
+      });
+    };
+    const timer = setTimeout(() => finish(true), cfg.restartTimeoutMs || 30000);
+    async function reconnect(slot, pid, tDrop, attempt) {
+      attempts++;
+      inFlight++;
+      maxInFlight = Math.max(maxInFlight, inFlight);
+      const c = new Client(live[slot].index, PORT, null);
+      c.resumePid = pid;
+      const r = await c.connect();
+      inFlight--;
+      if (finished) {
+        closeAll([c]);
+        return;
+      }
+      if (r.ok) {
+        back[slot] = c;
+        lat.push(now() - tDrop);
+        lastAck = now();
+        if (firstAck === null) firstAck = lastAck;
+        reconnected++;
+        if (c.recovered) recovered++;
+        c.onDrop = (cc, code) => { // closed again (it reached a worker that was stopping)
+          reasons['again:' + code] = (reasons['again:' + code] || 0) + 1;
+          reconnected--;
+          if (cc.recovered) recovered--;
+          reconnect(slot, cc.pid, now(), 1);
+        };
+        if (reconnected === n) finish(false);
+      } else {
+        errors[r.code] = (errors[r.code] || 0) + 1;
+        if (attempt < 5) setTimeout(() => reconnect(slot, pid, tDrop, attempt + 1), 1000);
+      }
+    }
+    live.forEach((c, slot) => {
+      c.onDrop = (cc, code) => {
+        const t = now();
+        reasons[code] = (reasons[code] || 0) + 1;
+        if (firstDrop === null) firstDrop = t;
+        lastDrop = t;
+        reconnect(slot, cc.pid, t, 1);
+      };
+    });
+    out({ phase: 'armed', sockets: n });
+  });
+}
+
+// --- probe: the raw frame of one event --------------------------------------------
+
+async function probeMode() {
+  phase = 'probe';
+  let frame = null;
+  let resolveFrame;
+  const got = new Promise((r) => { resolveFrame = r; });
+  const { clients, stats } = await connectMany(0, 1, PORT, (c, data) => {
+    if (frame === null) {
+      frame = data.toString('utf8');
+      resolveFrame();
+    }
+  });
+  if (!clients.length) throw new Error('probe: connect failed: ' + JSON.stringify(stats.errors));
+  const status = await publish(clients[0].org, '{"event":"news","data":{"s":0,"t":0,"o":"'
+    + clients[0].org + '","p":"probe"}}');
+  await Promise.race([got, sleep(3000)]);
+  closeAll(clients);
+  out({ final: true, http_status: status, frame, ack_pid: clients[0].pid });
 }
 
 // --- bus: publish to one server, receive from another ---------------------------
@@ -548,7 +697,8 @@ async function busMode() {
   out({ final: true, connect: stats, steps });
 }
 
-(cfg.mode === 'bus' ? busMode() : socketsMode())
+const MODES = { bus: busMode, storm: stormMode, probe: probeMode, sockets: socketsMode };
+(MODES[cfg.mode] || socketsMode)()
   .then(() => {
     agent.destroy();
     setTimeout(() => process.exit(0), 50);

@@ -4,6 +4,8 @@
     .venv/bin/python bench/run.py --quick      # small sizes, 1 round: a check that it all works
     .venv/bin/python bench/run.py --scenarios fanout5k --only orgcast
     .venv/bin/python bench/run.py bus          # the bus: Postgres and Redis, one process or two
+    .venv/bin/python bench/run.py storm        # issue 8: 5,000 sockets of 50 tokens at once, then a reload
+    .venv/bin/python bench/run.py recovery     # issue 9: fan-out with ORGCAST_RECOVERY on and off
 
 One throwaway Postgres holds the tokens and memberships (loadgen-c's
 convention: user ``u<n>``, token ``tok`` + n zero-padded to 37 digits). Each
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DISTURBED_PCT, TempDir, build_loadgen_c, fmt, log, pin_tree, wait_quiet
+from common import DISTURBED_PCT, TempDir, build_loadgen_c, fmt, log, pin_tree, run_repeating, wait_quiet
 from report import SERVERS, TABLE_NOTES, aggregate, render_table, results_path, save
 from scenarios import FANOUTS, SCENARIOS, WARMUP_USERS, Context, run_scenario, sizes_for, table_rows
 from servers import NodeSeed, Orgcast, Server, ThrowawayPostgres, fill_database, prepare_node_seed, versions
@@ -45,8 +47,10 @@ from servers import NodeSeed, Orgcast, Server, ThrowawayPostgres, fill_database,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="compare", choices=("compare", "bus"),
-                   help="compare: orgcast against node-seed (default); bus: orgcast's bus, one process or two")
+    p.add_argument("command", nargs="?", default="compare", choices=("compare", "bus", "storm", "recovery"),
+                   help="compare: orgcast against node-seed (default); bus: orgcast's bus, one process or two; "
+                        "storm: a reconnect storm and a reload (issue 8); recovery: fan-out with "
+                        "ORGCAST_RECOVERY on and off (issue 9)")
     p.add_argument("--quick", action="store_true", help="small sizes, one round, two fixed fan-out steps")
     p.add_argument("--rounds", type=int, default=None, help="rounds per server (default 3; quick 1)")
     p.add_argument("--only", choices=SERVERS, help="run one server only (no ratios)")
@@ -64,8 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each run, wait up to this many seconds for other work on the machine to stop")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default bench/results/<date>[-n].json)")
+    p.add_argument("--commit", default=None,
+                   help="run orgcast from this commit's files (git archive into a temporary folder), not from "
+                        "the working tree: the figures stay those of one commit while app/ is being edited")
     bus = p.add_argument_group("bus (bench/run.py bus)")
-    bus.add_argument("--buses", default="postgres,redis", help="comma-separated, of postgres, redis")
+    bus.add_argument("--buses", default=None,
+                     help="comma-separated, of postgres, redis (default: both for bus, postgres for recovery)")
     bus.add_argument("--bus-sockets", type=int, default=None, help="sockets on the receiving server (default 500)")
     bus.add_argument("--bus-rooms", type=int, default=None,
                      help="rooms they are spread over (default 50: 10 sockets per event)")
@@ -73,6 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bus.add_argument("--bus-ref-rates", default=None,
                      help="events/s (among the rates) at which single and cross-process latency are compared "
                           "(default 100,400)")
+    storm = p.add_argument_group("storm (bench/run.py storm)")
+    storm.add_argument("--storm-users", type=int, default=None, help="users, one token each (default 50; quick 10)")
+    storm.add_argument("--storm-sockets-per-user", type=int, default=100, help="sockets per token (default 100)")
+    storm.add_argument("--storm-inflight", type=int, default=1000,
+                       help="connects in flight during the storm (default 1000; the sockets' number: all at once)")
+    storm.add_argument("--storm-workers", default="2,1", help="WEB_CONCURRENCY values for orgcast (default 2,1)")
+    storm.add_argument("--storm-variants", default="default,ttl0,node-seed",
+                       help="of default (ORGCAST_AUTH_CACHE_TTL unset), ttl0 (=0: coalescing only), node-seed, "
+                            "redis (default TTL with REDIS_URL: the history and kept sessions in Redis)")
+    storm.add_argument("--no-restart", action="store_true", help="no kill -HUP reload after the storm")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     if args.retries is None:
@@ -81,9 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
-    args.buses = [s.strip() for s in args.buses.split(",") if s.strip()]
+    args.buses = [s.strip() for s in (args.buses or ("postgres" if args.command == "recovery" else
+                                                     "postgres,redis")).split(",") if s.strip()]
     if set(args.buses) - {"postgres", "redis"}:
         p.error("--buses takes postgres and/or redis")
+    try:
+        args.storm_workers = [int(w) for w in args.storm_workers.split(",") if w.strip()]
+    except ValueError:
+        p.error("--storm-workers takes numbers, e.g. 2,1")
+    args.storm_variants = [s.strip() for s in args.storm_variants.split(",") if s.strip()]
+    if set(args.storm_variants) - {"default", "ttl0", "node-seed", "redis"} or not args.storm_variants:
+        p.error("--storm-variants takes default, ttl0, node-seed and/or redis")
+    if any(w < 1 for w in args.storm_workers) or args.storm_sockets_per_user < 1 or args.storm_inflight < 1:
+        p.error("--storm-workers, --storm-sockets-per-user and --storm-inflight must be at least 1")
     for name in ("rounds", "concurrency"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -149,16 +177,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
             order = servers if i % 2 == 0 else servers[::-1]
             for scenario in scenarios:
                 for name in order:
-                    while True:
-                        r = run_one(name, scenario, ctx, i + 1, pg.dsn)
-                        runs.append(r)
-                        other = (r.get("cpu") or {}).get("other_work_pct") or 0.0
-                        if "error" in r or other <= DISTURBED_PCT or retries_left <= 0:
-                            break
-                        r["discarded"] = f"other work took ~{other:.0f}% of a core; repeated"
-                        retries_left -= 1
-                        log(f"  {name} {scenario}: disturbed by other work (~{other:.0f}% of a core), "
-                            f"repeating it ({retries_left} repeats left)")
+                    retries_left = run_repeating(f"{name} {scenario}", runs, retries_left, run_one, name, scenario,
+                                                 ctx, i + 1, pg.dsn)
     finally:
         if pg is not None:
             pg.stop()
@@ -222,6 +242,21 @@ def run_one(name: str, scenario: str, ctx: Context, round_no: int, dsn: str) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    tree: TempDir | None = None
+    if args.commit:
+        from servers import export_commit
+
+        tree = TempDir("orgcast-bench-tree-")
+        sha = export_commit(args.commit, tree.path / "orgcast")
+        log(f"orgcast runs from {Orgcast.tree} (git archive of {sha})")
+    try:
+        return dispatch(args, argv)
+    finally:
+        if tree is not None:
+            tree.remove()
+
+
+def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "bus":
         from bus import run_bus_bench
 
@@ -231,6 +266,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
         return run_bus_bench(args, argv, *prepare_process(pin))
+    if args.command == "storm":
+        from storm import run_storm_bench
+
+        missing = missing_tools(["node", *(["npm"] if "node-seed" in args.storm_variants else []),
+                                 *([] if args.no_pin else ["taskset"])])
+        if missing:
+            print(f"bench: not found: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
+        return run_storm_bench(args, argv, *prepare_process(pin))
+    if args.command == "recovery":
+        from recovery import run_recovery_bench
+
+        missing = missing_tools(["node", "gcc", "make", *([] if args.no_pin else ["taskset"])])
+        if missing:
+            print(f"bench: not found: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
+        return run_recovery_bench(args, argv, *prepare_process(pin))
     return compare(args, argv)
 
 
