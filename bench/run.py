@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commit", default=None,
                    help="run orgcast from this commit's files (git archive into a temporary folder), not from "
                         "the working tree: the figures stay those of one commit while app/ is being edited")
+    p.add_argument("--orgcast-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for orgcast (repeatable), e.g. ORGCAST_PRESENCE_EVENTS=true")
     bus = p.add_argument_group("bus (bench/run.py bus)")
     bus.add_argument("--buses", default=None,
                      help="comma-separated, of postgres, redis (default: both for bus, postgres for recovery)")
@@ -93,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     storm.add_argument("--no-restart", action="store_true", help="no kill -HUP reload after the storm")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    if any("=" not in e for e in args.orgcast_env):
+        p.error("--orgcast-env takes NAME=VALUE")
+    args.orgcast_env = dict(e.split("=", 1) for e in args.orgcast_env)
     if args.retries is None:
         args.retries = 0 if args.quick else 2
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -223,7 +228,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
 def run_one(name: str, scenario: str, ctx: Context, round_no: int, dsn: str) -> dict[str, Any]:
     log(f"round {round_no}/{ctx.args.rounds}: {scenario} on {name}")
     background = wait_quiet(ctx.args.wait_quiet)
-    server: Server = (Orgcast if name == "orgcast" else NodeSeed)(dsn, ctx.workdir, ctx.server_core)
+    server: Server = (Orgcast(dsn, ctx.workdir, ctx.server_core, env=ctx.args.orgcast_env) if name == "orgcast"
+                      else NodeSeed(dsn, ctx.workdir, ctx.server_core))
     t = time.monotonic()
     try:
         r = run_scenario(scenario, server, ctx)

@@ -70,8 +70,9 @@ def store(request: pytest.FixtureRequest, postgres: Any, redis_server: Any, sche
         yield Store(PostgresBus(db, postgres.dsn, history=(WINDOW, SIZE)), "postgres", postgres)
         db.close()
     else:
-        yield Store(RedisBus(redis_server.url, timeout=5, emitter_prefix="socket.io", history=(WINDOW, SIZE)),
-                    "redis", postgres)
+        bus = RedisBus(redis_server.url, timeout=5, emitter_prefix="socket.io", history=(WINDOW, SIZE))
+        yield Store(bus, "redis", postgres)
+        bus.stop()
 
 
 def test_what_followed_an_offset_in_order_and_once(store: Store) -> None:
@@ -166,3 +167,22 @@ def test_sessions_taken_together_are_each_answered_once(store: Store) -> None:
     answers = store.bus.take_sessions([a, "no-such-pid", b, a, c])
     assert [json.loads(r)["sid"] if r else None for r in answers] == ["sid-0", None, "sid-1", None, "sid-2"]
     assert store.bus.take_sessions([a, b, c]) == [None, None, None]
+
+
+def test_questions_asked_together_get_the_answers_asked_alone(store: Store) -> None:
+    """A restart's reconnects read what they missed in one round trip (``history_since_many``)."""
+    a, b, full = unique("room"), unique("room"), unique("room")
+    start = store.publish((a,), "before")
+    gone = store.publish((full,), "0")
+    for n in range(1, SIZE + 2):
+        store.publish((full,), str(n))
+    mid = store.publish((a, b), "both")
+    store.publish((b,), "b")
+    last = store.publish((a,), "a")
+    store.trim()
+    queries = [(start, [a]), (mid, [a, b]), (start, [a, b]), ("not an offset", [a]), (last, [a, b]),
+               (start, [unique("room")]), (gone, [full, a]), (start, [a])]
+    together = store.bus.history_since_many(queries)
+    assert together == [store.bus.history_since(offset, rooms) for offset, rooms in queries]
+    values = [None if t is None else [json.loads(args)[1] for _, args, _ in t] for t in together]
+    assert values == [["both", "a"], ["b", "a"], ["both", "b", "a"], None, [], [], None, ["both", "a"]]

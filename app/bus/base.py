@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 SourceHandler = Callable[[str, Any], None]
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
+#: what a client missed: (offset, the event's args as JSON, the rooms it was not for), in order
+Missed = list[tuple[str, str, tuple[str, ...]]]
 #: seconds stop() waits for the listener to unwind
 STOP_WAIT = 2.0
 
@@ -90,10 +92,17 @@ class Bus:
 
     # --- history (recovery), for backends that keep it
 
-    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
+    def history_since(self, offset: str, rooms: list[str]) -> Missed | None:
         """Events after ``offset`` in any of ``rooms``: (offset, args, except rooms), in order, once each.
 
         None when the history no longer holds all of them (trimmed by age or count).
+
+        :raise Unavailable: the history did not answer
+        """
+        return self.history_since_many([(offset, rooms)])[0]
+
+    def history_since_many(self, queries: list[tuple[str, list[str]]]) -> list[Missed | None]:
+        """``history_since`` for each (offset, rooms), in one round trip.
 
         :raise Unavailable: the history did not answer
         """

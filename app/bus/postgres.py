@@ -35,7 +35,7 @@ import psycopg2
 import psycopg2.extensions
 from gevent.socket import wait_read
 
-from app.bus.base import UP, Bus, SourceHandler
+from app.bus.base import UP, Bus, Missed, SourceHandler
 from app.bus.envelope import Publication, split_for_offset
 from app.db import Database
 from app.errors import Unavailable
@@ -186,20 +186,45 @@ class PostgresBus(Bus):
                 "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) FROM p")
         self._db.fetch_one(sql, params)
 
-    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
-        if not offset.isdigit() or len(offset) > 18:
-            return None
-        bounds = self._db.fetch_one(
-            "SELECT (SELECT coalesce(max(through), 0) FROM orgcast.history_trimmed WHERE room = ANY(%(rooms)s)), "
-            "(SELECT last_value FROM orgcast.history_id)", {"rooms": rooms})
-        if bounds is None or int(bounds[0]) > int(offset):
-            return None  # some of what followed the offset is gone
-        if int(offset) > int(bounds[1]):
-            return None  # never given here (another database?)
+    def history_since_many(self, queries: list[tuple[str, list[str]]]) -> list[Missed | None]:
+        valid = [(int(o), r) for o, r in queries if o.isdigit() and len(o) <= 18]
+        if not valid:
+            return [None] * len(queries)
+        # One statement for all: the bounds of every room asked about, the last id
+        # given, and every event after the lowest offset in any of those rooms.
         rows = self._db.fetch_all(
-            "SELECT DISTINCT ON (id) id, args, except_rooms FROM orgcast.history "
-            "WHERE room = ANY(%(rooms)s) AND id > %(offset)s ORDER BY id", {"rooms": rooms, "offset": int(offset)})
-        return [(str(i), args, tuple(excepted or ())) for i, args, excepted in rows]
+            "SELECT 't', room, through, NULL::text, NULL::text[] FROM orgcast.history_trimmed "
+            "WHERE room = ANY(%(rooms)s) "
+            "UNION ALL SELECT 'l', NULL, last_value, NULL, NULL FROM orgcast.history_id "
+            "UNION ALL SELECT 'e', room, id, args, except_rooms FROM orgcast.history "
+            "WHERE room = ANY(%(rooms)s) AND id > %(low)s",
+            {"rooms": sorted(set().union(*(r for _, r in valid))), "low": min(o for o, _ in valid)})
+        trimmed: dict[str, int] = {}
+        last = 0
+        by_room: dict[str, list[tuple[int, str, tuple[str, ...]]]] = {}
+        for kind, room, at, args, excepted in rows:
+            if kind == "t":
+                trimmed[room] = int(at)
+            elif kind == "l":
+                last = int(at)
+            else:
+                by_room.setdefault(room, []).append((int(at), args, tuple(excepted or ())))
+        answers: list[Missed | None] = []
+        for offset, rooms in queries:
+            if not offset.isdigit() or len(offset) > 18:
+                answers.append(None)
+                continue
+            after = int(offset)
+            if max((trimmed.get(r, 0) for r in rooms), default=0) > after or after > last:
+                answers.append(None)  # some of what followed is gone, or never given here
+                continue
+            seen: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+            for room in rooms:
+                for at, args, excepted in by_room.get(room, ()):
+                    if at > after:
+                        seen.setdefault(at, (str(at), args, excepted))
+            answers.append([seen[at] for at in sorted(seen)])
+        return answers
 
     def history_head(self) -> str:
         row = self._db.fetch_one("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM orgcast.history_id", {})

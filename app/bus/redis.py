@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from app.bus.base import UP, Bus, SourceHandler
+from app.bus.base import UP, Bus, Missed, SourceHandler
 from app.bus.envelope import Publication, split_for_offset
 from app.errors import Unavailable
 
@@ -133,6 +133,20 @@ def _id_key(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _missed(offset: str, last: tuple[int, int], answers: list[Any]) -> Missed | None:
+    """One query's answer from its (trimmed, entries) pairs of replies."""
+    if _id_key(offset) > last:
+        return None  # never given here (another Redis?)
+    events: dict[tuple[int, int], tuple[str, str, tuple[str, ...]]] = {}
+    for trimmed, entries in zip(answers[0::2], answers[1::2], strict=True):
+        if trimmed and _id_key(trimmed.decode()) > _id_key(offset):
+            return None  # some of what followed the offset was trimmed
+        for entry_id, fields in entries:
+            key = entry_id.decode()
+            events[_id_key(key)] = (key, fields[b"a"].decode(), tuple(json.loads(fields.get(b"x", b"[]"))))
+    return [events[k] for k in sorted(events)]
+
+
 class RedisBus(Bus):
     """Redis pub/sub between every worker of every instance sharing the Redis."""
 
@@ -178,34 +192,33 @@ class RedisBus(Bus):
             log.warning("redis publish failed: %s", type(exc).__name__)
             raise Unavailable("redis did not take the message; retry") from None
 
-    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None:
-        if not _STREAM_ID.fullmatch(offset) or self._history is None:
-            return None
+    def history_since_many(self, queries: list[tuple[str, list[str]]]) -> list[Missed | None]:
+        if self._history is None:
+            return [None] * len(queries)
+        valid = [(offset, rooms) for offset, rooms in queries if _STREAM_ID.fullmatch(offset)]
+        if not valid:
+            return [None] * len(queries)
         size = self._history[1]
-        try:
+        try:  # one pipeline for all: each query's commands, after the last id given
             pipe = self._client.pipeline(transaction=False)
             pipe.get(HISTORY_PREFIX + "last")
-            for room in rooms:
-                pipe.get(TRIMMED_PREFIX + room)
-                pipe.xrange(HISTORY_PREFIX + room, min="(" + offset, count=size + 1)
+            for offset, rooms in valid:
+                for room in rooms:
+                    pipe.get(TRIMMED_PREFIX + room)
+                    pipe.xrange(HISTORY_PREFIX + room, min="(" + offset, count=size + 1)
             answers = pipe.execute(raise_on_error=False)
         except (redis.RedisError, OSError) as exc:
             raise Unavailable(f"redis did not answer ({type(exc).__name__})") from None
-        events: dict[tuple[int, int], tuple[str, str, tuple[str, ...]]] = {}
-        last = answers.pop(0)
-        if isinstance(last, Exception):
+        if any(isinstance(a, Exception) for a in answers):
             raise Unavailable("redis did not answer the history")
-        if _id_key(offset) > _id_key(last.decode() if last else "0-0"):
-            return None  # never given here (another Redis?)
-        for trimmed, entries in zip(answers[0::2], answers[1::2], strict=True):
-            if isinstance(entries, Exception) or isinstance(trimmed, Exception):
-                raise Unavailable("redis did not answer the history")
-            if trimmed and _id_key(trimmed.decode()) > _id_key(offset):
-                return None  # some of what followed the offset was trimmed
-            for entry_id, fields in entries:
-                key = entry_id.decode()
-                events[_id_key(key)] = (key, fields[b"a"].decode(), tuple(json.loads(fields.get(b"x", b"[]"))))
-        return [events[k] for k in sorted(events)]
+        last = _id_key(answers[0].decode() if answers[0] else "0-0")
+        at = 1
+        found: dict[tuple[str, tuple[str, ...]], Missed | None] = {}
+        for offset, rooms in valid:
+            mine = answers[at:at + 2 * len(rooms)]
+            at += 2 * len(rooms)
+            found[(offset, tuple(rooms))] = _missed(offset, last, mine)
+        return [found.get((offset, tuple(rooms))) for offset, rooms in queries]
 
     def history_head(self) -> str:
         try:
@@ -308,6 +321,10 @@ class RedisBus(Bus):
             pubsub.psubscribe(*self._patterns)
             self.leader = True
             log.info("this worker is the leader: it hears %s", ", ".join(self._patterns))
+
+    def stop(self) -> None:
+        super().stop()
+        self._client.connection_pool.disconnect()  # (it would open new ones if asked again)
 
     def _close(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

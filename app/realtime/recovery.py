@@ -37,7 +37,7 @@ RECOVERABLE = frozenset({"transport close", "transport error", "ping timeout", "
 
 
 class HistoryStore(Protocol):
-    def history_since(self, offset: str, rooms: list[str]) -> list[tuple[str, str, tuple[str, ...]]] | None: ...
+    def history_since_many(self, queries: list[tuple[str, list[str]]]) -> list[Any]: ...
     def history_head(self) -> str: ...
     def save_sessions(self, records: list[tuple[str, str]]) -> None: ...
     def take_sessions(self, pids: list[str]) -> list[str | None]: ...
@@ -63,10 +63,9 @@ class Recovery:
         self._window = window
         self._clock = clock
         # A restart brings every client back at once: one round trip for all
-        # the takes waiting, one for each distinct question (gather.py).
+        # the takes waiting, one for all the history reads (gather.py).
         self._take: Gathered[str, str | None] = Gathered(store.take_sessions)
-        self._since: Shared[tuple[str, tuple[str, ...]], Any] = Shared(
-            lambda key: store.history_since(key[0], list(key[1])))
+        self._since: Gathered[tuple[str, list[str]], Any] = Gathered(store.history_since_many)
         self._head: Shared[str, str] = Shared(lambda _: store.history_head())
 
     @staticmethod
@@ -111,7 +110,7 @@ class Recovery:
     def missed(self, offset: str, rooms: list[str]) -> list[tuple[str, str]] | None:
         """Events after ``offset`` for a socket in ``rooms``: (offset, args), in order; None: not recoverable."""
         try:
-            events = self._since((offset, tuple(rooms)))
+            events = self._since((offset, rooms))
         except Unavailable as exc:
             log.warning("recovery skipped: %s", exc.message)
             return None
