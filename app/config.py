@@ -275,7 +275,8 @@ class Settings:
         "concurrent connections per worker before gunicorn queues new ones",
         _pos_int)
     db_pool_size: int = setting(
-        "ORGCAST_DB_POOL_SIZE", "10", "Postgres connections per worker process", _pos_int)
+        "ORGCAST_DB_POOL_SIZE", "10",
+        "Postgres connections per worker process (and as many Redis ones, with `REDIS_URL`)", _pos_int)
     db_timeout: float = setting(
         "ORGCAST_DB_TIMEOUT", "2",
         "seconds a lookup may take (pool wait, connect and query) before the client gets `unavailable`",
