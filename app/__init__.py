@@ -51,6 +51,24 @@ class Runtime:
             drain(timeout)
 
 
+class LogBatches:
+    """A worker writes the INFO lines of each turn of its event loop together (app/log.py)."""
+
+    @staticmethod
+    def start() -> None:
+        import gevent
+
+        from app import log
+
+        log.batching(gevent.get_hub().loop.run_callback)
+
+    @staticmethod
+    def stop() -> None:
+        from app import log
+
+        log.batching(None)
+
+
 def create_app(settings: Settings | None = None) -> Any:
     """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
     from flask import Flask
@@ -152,6 +170,7 @@ def create_app(settings: Settings | None = None) -> Any:
     sql_source.drops.on_drop = metrics.source_drop
     postgres.on_source = sql_source.handle
     runtime = Runtime()
+    log_batches = LogBatches()
     checks["bus"] = bus.probe
     if settings.redis_url:
         redis_source = RedisEmitterSource(publisher, prefix)
@@ -176,8 +195,9 @@ def create_app(settings: Settings | None = None) -> Any:
         answers = cluster.ask("stats")
         return summarize(answers.by_peer, answers.partial, answers.latency_ms)
 
-    runtime.starters += [lambda: bus.start(on_bus), cluster.start, worker_stats.start, presence.start]
-    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop]
+    runtime.starters += [lambda: bus.start(on_bus), cluster.start, worker_stats.start, presence.start,
+                         log_batches.start]
+    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop, log_batches.stop]
 
     def drain(timeout: float) -> None:
         # Everything accepted (202) before the signal was published on the bus

@@ -26,7 +26,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client import values as prometheus_values
 
+from app import process
 from app.errors import REFUSALS
 
 #: seconds: from a fast cache hit to the database timeout
@@ -47,6 +49,11 @@ class Metrics:
     def __init__(self, version: str = "0") -> None:
         #: this process's own counts, as plain numbers (``/admin/stats``)
         self.tally: Tally[str] = Tally()
+        if multiprocess_dir():
+            # prometheus-client's own multiprocess values, with the process id
+            # cached (it asks at every change: a system call each).
+            prometheus_values.ValueClass = prometheus_values.MultiProcessValue(  # type: ignore[no-untyped-call]
+                process_identifier=process.pid)
         self.registry = registry = CollectorRegistry()
         kw: dict[str, Any] = {"registry": registry}
         self.sockets = Gauge("orgcast_connected_sockets", "Sockets admitted to / and connected now.",

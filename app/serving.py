@@ -122,6 +122,8 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
     """gunicorn's pywsgi handler with bounded waits, lazy WebSocket upgrades and redacted logs."""
 
     socket: Any
+    code: Any
+    status: Any
     MessageClass = RequestHeaders.read
     #: set from ORGCAST_HEADER_TIMEOUT when the worker starts
     header_timeout: float = 30.0
@@ -230,6 +232,26 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         self.socket = None  # pywsgi closes the connection of a finished request otherwise
         release: Any = self.server.adopt_socket(sock)
         return release
+
+    def _sendall(self, data: Any) -> None:
+        """pywsgi's, with one plain send first: gevent's sendall asks the kernel for
+        SO_SNDBUF before every write, a syscall the connect profile showed costing as
+        much as the 101's write itself. What the kernel does not take now goes the
+        usual way (and all of it on TLS, which orgcast leaves to nginx)."""
+        if getattr(self.socket, "_sslobj", None) is not None:
+            return super()._sendall(data)  # type: ignore[no-any-return]
+        try:
+            sent = self.socket._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as ex:
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += sent
+        if sent < len(data):
+            super()._sendall(memoryview(data)[sent:])
 
     def _answer_json(self, status: int, code: str, message: str) -> None:
         line, body = http_error(status, code, message)

@@ -70,7 +70,7 @@ LAYERS = {
     "app.db": "data", "app.auth.store": "data", "app.auth.ratelimit": "data", "app.bus": "data",
     # prometheus-client behind the observers the services and the bus declare
     "app.metrics": "data",
-    "app.config": "leaf", "app.errors": "leaf", "app.log": "leaf", "app.gather": "leaf",
+    "app.config": "leaf", "app.errors": "leaf", "app.log": "leaf", "app.gather": "leaf", "app.process": "leaf",
     "app.auth.credentials": "leaf", "app.realtime.rooms": "leaf",
     # packages whose __init__ holds only a docstring
     "app.auth": "leaf", "app.publish": "leaf", "app.realtime": "leaf",

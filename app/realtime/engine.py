@@ -37,6 +37,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -362,6 +363,30 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
 
     #: the process's timer heap (set by realtime/server.py)
     timers: Timers
+    sequence_number: int
+    #: random bytes for session ids, read ahead (see generate_id)
+    _random, _random_at = b"", 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        os.register_at_fork(after_in_child=self._forget_random)
+
+    def _forget_random(self) -> None:
+        self._random, self._random_at = b"", 0
+
+    def generate_id(self) -> str:
+        """A session id exactly as python-engineio makes one (12 random bytes and a
+        sequence number, base64), with the random bytes read from the kernel 6 KiB at a
+        time: one getrandom per 512 ids rather than two per connect, which the connect
+        profile showed at ~4 % of a connect's CPU. Forgotten at a fork, so processes
+        never share them."""
+        if self._random_at + 12 > len(self._random):
+            self._random, self._random_at = os.urandom(12 * 512), 0
+        raw = self._random[self._random_at:self._random_at + 12]
+        self._random_at += 12
+        sid = base64.b64encode(raw + self.sequence_number.to_bytes(3, "big"))
+        self.sequence_number = (self.sequence_number + 1) & 0xFFFFFF
+        return sid.decode("ascii").replace("/", "_").replace("+", "-")
 
     def _bad_request(self, message: str | None = None) -> dict[str, Any]:
         return _json_response(400, "bad_request", message or "Bad request.")
