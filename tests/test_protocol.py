@@ -227,6 +227,31 @@ def test_client_close_packet_closes_the_websocket(session: RawSession) -> None:
     assert session.wait_closed(timeout=0.9) < 0.9
 
 
+def test_the_peer_s_own_close_after_the_server_s_meets_no_reset(suite_server: Server) -> None:
+    """After its close frame the server reads (and drops) until the peer closes: a client's
+    close frame sent just then must not meet a closed socket, which answers with a reset
+    (nginx in front logs "send() failed (32: Broken pipe)" at error level)."""
+    session = RawSession.connect(suite_server.port)
+    sock = session.ws.sock
+    session.send("1")  # the Engine.IO close: the server closes the websocket
+    sock.settimeout(5)
+    received = b""
+    while not received.endswith(b"\x88\x02\x03\xe8"):  # its close frame, 1000
+        chunk = sock.recv(64)
+        assert chunk, received
+        received += chunk
+    assert sock.recv(1) == b""  # then its FIN
+    mask = b"\x01\x02\x03\x04"
+    sock.sendall(b"\x88\x82" + mask + bytes(a ^ b for a, b in zip(b"\x03\xe8", mask)))
+    sock.sendall(b"\x81\x81" + mask + bytes([ord("x") ^ 1]))  # and something late
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pytest.fail("the server reset the connection under the client's close")
+    finally:
+        sock.close()
+
+
 # --- WebSocket requests Engine.IO refuses get the HTTP error, not a 101 -----------------
 
 

@@ -22,9 +22,9 @@ exceptions and the table of valid close codes. What it changes, and why:
 - **Client frames must be masked**, and reserved bits clear (RFC 6455 5.1,
   5.2), or the connection is closed with 1002.
 - **Closing closes**: ``close()`` sends the close code it is given
-  (gevent-websocket's dropped it) and shuts the TCP connection, whose slot
-  is freed at once (gevent-websocket left the reader blocked until the peer
-  spoke again).
+  (gevent-websocket's dropped it) and shuts the TCP connection, after the
+  peer's own close or at most ``linger`` seconds, reading nothing more
+  (gevent-websocket left the reader blocked until the peer spoke again).
 - **Writes go straight to the socket** (``send_frame_bytes``): one
   non-blocking ``send`` of bytes built once, with no lock, no ``sendall``
   and no ``getsockopt`` per write; only what the kernel does not take at once
@@ -140,7 +140,8 @@ class WebSocket:
     """One server-side WebSocket connection: frames in, frames out."""
 
     __slots__ = ("sock", "owner", "closed", "buffer", "fragments", "fragments_size", "fragments_opcode",
-                 "backlog", "backlog_bytes", "flusher", "watcher", "on_message", "on_close", "release")
+                 "backlog", "backlog_bytes", "flusher", "watcher", "on_message", "on_close", "release",
+                 "lingering")
 
     #: set from ORGCAST_MAX_PAYLOAD when the worker starts
     max_message: int = 1048576
@@ -150,6 +151,8 @@ class WebSocket:
     write_timeout: float = 30.0
     #: called for each peer cut off for not reading (set by create_app: the metrics)
     on_slow_consumer: Callable[[], None] | None = None
+    #: seconds a closed connection waits for the peer's own close before it is dropped
+    linger: float = 1.0
 
     def __init__(self, sock: Any, owner: Any = None) -> None:
         self.sock = sock
@@ -166,6 +169,8 @@ class WebSocket:
         self.backlog_bytes = 0
         self.flusher: Any = None
         self.watcher: Any = None
+        #: after a close of ours: the timer that drops the connection if the peer does not
+        self.lingering: Any = None
         #: after ``adopt``: called, in the hub, with each message (str or bytes)
         self.on_message: Callable[[Any], None] | None = None
         #: called once, with the close code, when the connection is closed
@@ -220,6 +225,7 @@ class WebSocket:
     def _readable(self) -> None:
         # Runs in the hub: parse, hand messages on; never block here.
         if self.closed:
+            self._discard()
             return
         try:
             chunk = self.sock._sock.recv(65536)
@@ -400,17 +406,38 @@ class WebSocket:
 
     # --- closing
 
-    def close(self, code: int = CLOSE_NORMAL, message: Any = b"") -> None:
-        """Send a close frame with ``code`` (when nothing else is queued) and shut the connection."""
+    def close(self, code: int = CLOSE_NORMAL, message: Any = b"", linger: bool = True) -> None:
+        """Send a close frame with ``code`` (when nothing else is queued) and shut the connection.
+
+        The session ends now. The TCP connection lingers (up to ``linger``
+        seconds, reading and dropping) until the peer answers with its own
+        close: a client often sends one of its own just then, and a socket
+        closed under it answers with a reset, which a proxy in front logs as
+        an error (nginx: "send() failed (32: Broken pipe) while proxying
+        upgraded connection").
+        """
         if self.closed:
             return
         reason = message.encode() if isinstance(message, str) else bytes(message or b"")
         frame = encode_frame(struct.pack("!H", code) + reason[:123], OPCODE_CLOSE)
+        sent = False
         if not self.backlog:
             try:
                 self.sock._sock.send(frame)
+                sent = True
             except OSError:
                 pass  # the peer is gone or not reading: nothing more to tell it
+        if sent and linger and self.watcher is not None:
+            self._end_session()
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._drop()
+            else:
+                self.lingering = gevent.get_hub().loop.timer(self.linger)
+                self.lingering.start(self._drop)
+            self._closed_callback(code)
+            return
         self._shutdown(code)
 
     def abort(self, code: int = CLOSE_ABNORMAL) -> None:
@@ -426,9 +453,25 @@ class WebSocket:
             code = received if _is_valid_close_code(None, received) else CLOSE_PROTOCOL_ERROR
         elif payload:
             code = CLOSE_PROTOCOL_ERROR
-        self.close(code)
+        self.close(code, linger=False)
+
+    def _discard(self) -> None:
+        # Lingering after our close: drop what the peer still sends, until it closes.
+        try:
+            if self.sock._sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop()
 
     def _shutdown(self, code: int) -> None:
+        self._end_session()
+        self._drop()
+        self._closed_callback(code)
+
+    def _end_session(self) -> None:
         self.closed = True
         self.backlog = None
         self.backlog_bytes = 0
@@ -437,6 +480,13 @@ class WebSocket:
         flusher, self.flusher = self.flusher, None
         if flusher is not None and flusher is not gevent.getcurrent():
             flusher.kill(block=False)
+
+    def _drop(self) -> None:
+        """Close the TCP connection and free its slot (once)."""
+        lingering, self.lingering = self.lingering, None
+        if lingering is not None:
+            lingering.stop()
+            lingering.close()
         try:
             # Wakes a greenlet blocked reading this socket: it sees EOF and ends.
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -451,6 +501,8 @@ class WebSocket:
         release, self.release = self.release, None
         if release is not None:
             release()
+
+    def _closed_callback(self, code: int) -> None:
         callback, self.on_close = self.on_close, None
         self.on_message = None
         if callback is not None:
