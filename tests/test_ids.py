@@ -37,6 +37,23 @@ def test_a_forked_process_does_not_reuse_the_parent_s_random_bytes() -> None:
     assert theirs[:16] != mine[:16]  # the random part (the sequence is the same)
 
 
+def test_random_bytes_are_not_shared_with_a_forked_process() -> None:
+    from app import process
+
+    process.random_bytes(16)  # bytes read ahead now
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, process.random_bytes(16))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    theirs = os.read(read, 64)
+    os.close(read)
+    assert len(theirs) == 16 and theirs != process.random_bytes(16)
+    assert len({process.random_bytes(12) for _ in range(2000)}) == 2000  # across refills too
+
+
 def test_the_cached_process_id_is_the_child_s_after_a_fork() -> None:
     from app import process
 

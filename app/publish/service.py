@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app import process
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
 from app.bus.envelope import Kick, Message, Publication
 from app.errors import ApiError
@@ -43,7 +43,7 @@ class Observer(Protocol):
 
 def new_id() -> str:
     """A publication's id, for the log lines of every worker that delivers it."""
-    return secrets.token_hex(8)
+    return process.random_bytes(8).hex()  # secrets.token_hex(8), read ahead
 
 
 def is_valid_event(event: Any) -> bool:

@@ -19,14 +19,15 @@ restores the organizations the user still belongs to.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from app import process
 from app.errors import Unavailable
 from app.gather import Gathered, Shared
 
@@ -71,7 +72,7 @@ class Recovery:
     @staticmethod
     def new_pid() -> str:
         """A private session id (only the client it was given to knows it)."""
-        return secrets.token_urlsafe(12)
+        return base64.urlsafe_b64encode(process.random_bytes(12)).decode("ascii")  # secrets.token_urlsafe(12)
 
     def head(self) -> str | None:
         """The newest offset of the history, None when it does not answer."""
