@@ -23,7 +23,18 @@ import argparse
 import time
 from typing import Any
 
-from common import DISTURBED_PCT, CpuMeter, JsLoadGen, TempDir, fmt, log, pin_tree, run_repeating, wait_quiet
+from common import (
+    DISTURBED_PCT,
+    CpuMeter,
+    JsLoadGen,
+    TempDir,
+    fmt,
+    log,
+    pin_tree,
+    print_footer,
+    run_repeating,
+    wait_quiet,
+)
 from report import median_or_none, results_path, save
 from servers import Orgcast, ThrowawayPostgres, fill_database, versions
 
@@ -101,11 +112,7 @@ def run_bus_bench(args: argparse.Namespace, argv: list[str], server_core: int | 
     print()
     print(table)
     print()
-    print(f"took {elapsed:.0f}s; runs repeated because other work disturbed them: "
-          f"{sum('discarded' in r for r in runs)}; runs still disturbed: {len(noisy)} of {len(kept)}"
-          + (f" ({'; '.join(noisy)})" if noisy else ""))
-    for line in failed:
-        print(f"FAILED (left out of the medians): {line}")
+    print_footer(elapsed, runs, kept, noisy, failed)
     results = {
         "started": started, "elapsed_s": round(elapsed, 1), "command": " ".join(["bench/run.py", *argv]),
         "config": {"sockets": sockets, "rooms": rooms, "rates": rates, "ref_rates": refs, "step_s": step_s,

@@ -252,6 +252,16 @@ def run_repeating(what: str, runs: list[dict[str, Any]], left: int, once: Callab
         log(f"  {what}: disturbed by other work (~{busy:.0f}% of a core), repeating it ({left} repeats left)")
 
 
+def print_footer(elapsed: float, runs: list[dict[str, Any]], kept: list[dict[str, Any]], noisy: list[str],
+                 failed: list[str]) -> None:
+    """The last lines of every benchmark: its time, the repeated and disturbed runs, the failures."""
+    print(f"took {elapsed:.0f}s; runs repeated because other work disturbed them: "
+          f"{sum('discarded' in r for r in runs)}; runs still disturbed: {len(noisy)} of {len(kept)}"
+          + (f" ({'; '.join(noisy)})" if noisy else ""))
+    for line in failed:
+        print(f"FAILED (left out of the medians): {line}")
+
+
 def wait_quiet(max_wait: float, limit: float = 15.0) -> dict[str, Any]:
     """Wait (bounded) until no core is more than ``limit`` % busy."""
     start = time.monotonic()

@@ -40,6 +40,7 @@ from common import (
     log,
     log_problems,
     pin_tree,
+    print_footer,
     run_repeating,
     wait_quiet,
 )
@@ -110,11 +111,7 @@ def run_recovery_bench(args: argparse.Namespace, argv: list[str], server_core: i
     print()
     print(table)
     print()
-    print(f"took {elapsed:.0f}s; runs repeated because other work disturbed them: "
-          f"{sum('discarded' in r for r in runs)}; runs still disturbed: {len(noisy)} of {len(kept)}"
-          + (f" ({'; '.join(noisy)})" if noisy else ""))
-    for line in failed:
-        print(f"FAILED (left out of the medians): {line}")
+    print_footer(elapsed, runs, kept, noisy, failed)
     results = {
         "started": started, "elapsed_s": round(elapsed, 1), "command": " ".join(["bench/run.py", *argv]),
         "config": {"scenarios": scenarios, "buses": args.buses, "rounds": args.rounds, "step_s": sizes.step_s,

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DISTURBED_PCT, TempDir, build_loadgen_c, fmt, log, pin_tree, run_repeating, wait_quiet
+from common import DISTURBED_PCT, TempDir, build_loadgen_c, fmt, log, pin_tree, print_footer, run_repeating, wait_quiet
 from report import SERVERS, TABLE_NOTES, aggregate, render_table, results_path, save
 from scenarios import FANOUTS, SCENARIOS, WARMUP_USERS, Context, run_scenario, sizes_for, table_rows
 from servers import NodeSeed, Orgcast, Server, ThrowawayPostgres, fill_database, prepare_node_seed, versions
@@ -206,11 +206,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
     print(table)
     print()
     print(TABLE_NOTES)
-    print(f"took {elapsed:.0f}s; runs repeated because other work disturbed them: "
-          f"{sum('discarded' in r for r in runs)}; runs still disturbed: {len(noisy)} of {len(kept)}"
-          + (f" ({'; '.join(noisy)})" if noisy else ""))
-    for line in failed:
-        print(f"FAILED (left out of the medians): {line}")
+    print_footer(elapsed, runs, kept, noisy, failed)
     results = {
         "started": started, "elapsed_s": round(elapsed, 1),
         "command": " ".join(["bench/run.py", *argv]),

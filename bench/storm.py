@@ -37,6 +37,7 @@ from common import (
     log_problems,
     log_size,
     pin_tree,
+    print_footer,
     run_repeating,
     tree_cpu_seconds,
     wait_quiet,
@@ -166,11 +167,7 @@ def run_storm_bench(args: argparse.Namespace, argv: list[str], server_core: int 
     print()
     print(table)
     print()
-    print(f"took {elapsed:.0f}s; runs repeated because other work disturbed them: "
-          f"{sum('discarded' in r for r in runs)}; runs still disturbed: {len(noisy)} of {len(kept)}"
-          + (f" ({'; '.join(noisy)})" if noisy else ""))
-    for line in failed:
-        print(f"FAILED (left out of the medians): {line}")
+    print_footer(elapsed, runs, kept, noisy, failed)
     results = {
         "started": started, "elapsed_s": round(elapsed, 1), "command": " ".join(["bench/run.py", *argv]),
         "config": {"users": users, "sockets_per_user": per_user, "sockets": sockets, "in_flight": inflight,
