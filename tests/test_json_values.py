@@ -6,6 +6,7 @@ appends it; with ORGCAST_RECOVERY=false the value is the only argument."""
 
 from __future__ import annotations
 
+import json
 import queue
 from typing import Any
 
@@ -104,3 +105,13 @@ def test_official_client_receives_each_value_as_one_argument(server: Server, js_
             assert received == [value], value
     publish_raw(server, {"event": "news"})
     assert data_of(server, client.next("event")["args"]) == [None]
+
+
+def test_each_value_published_with_pg_notify_arrives_as_one_argument(server: Server, postgres: Any,
+                                                                      recorder: ArgsRecorder) -> None:
+    """The same on the SQL path (``pg_notify('orgcast', …)``, heard by the leader, sent over the bus)."""
+    for value in VALUES:
+        payload = json.dumps({"room": "organization.org-a", "event": "news", "data": value})
+        postgres.psql("SELECT pg_notify('orgcast', '" + payload.replace("'", "''") + "')")
+        event, args = recorder.next()
+        assert (event, data_of(server, args)) == ("news", [value]), value
