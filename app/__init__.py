@@ -51,29 +51,13 @@ class Runtime:
             drain(timeout)
 
 
-class LogBatches:
-    """A worker writes the INFO lines of each turn of its event loop together (app/log.py)."""
-
-    @staticmethod
-    def start() -> None:
-        import gevent
-
-        from app import log
-
-        log.batching(gevent.get_hub().loop.run_callback)
-
-    @staticmethod
-    def stop() -> None:
-        from app import log
-
-        log.batching(None)
-
-
 def create_app(settings: Settings | None = None) -> Any:
     """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
+    import gevent
     from flask import Flask
     from gevent.event import AsyncResult
 
+    from app import log
     from app.auth.checker import AuthChecker
     from app.auth.ratelimit import FailureCounter, RedisFailureCounter
     from app.auth.store import AuthStore
@@ -170,7 +154,6 @@ def create_app(settings: Settings | None = None) -> Any:
     sql_source.drops.on_drop = metrics.source_drop
     postgres.on_source = sql_source.handle
     runtime = Runtime()
-    log_batches = LogBatches()
     checks["bus"] = bus.probe
     if settings.redis_url:
         redis_source = RedisEmitterSource(publisher, prefix)
@@ -196,8 +179,9 @@ def create_app(settings: Settings | None = None) -> Any:
         return summarize(answers.by_peer, answers.partial, answers.latency_ms)
 
     runtime.starters += [lambda: bus.start(on_bus), cluster.start, worker_stats.start, presence.start,
-                         log_batches.start]
-    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop, log_batches.stop]
+                         # the INFO lines of one loop turn in one write (app/log.py)
+                         lambda: log.batching(gevent.get_hub().loop.run_callback)]
+    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop, lambda: log.batching(None)]
 
     def drain(timeout: float) -> None:
         # Everything accepted (202) before the signal was published on the bus

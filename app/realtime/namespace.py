@@ -23,6 +23,8 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -270,26 +272,21 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
     def _saved(sid: str, session: Session) -> Saved:
         return Saved(sid, session.user_id, session.organizations, session.head, time.time())
 
-    def closing_all(self) -> Any:
+    @contextmanager
+    def closing_all(self) -> Iterator[None]:
         """A context for a worker closing every session: keep them all first, in one write.
 
         Kept before the transports close: the clients reconnect at once, and
         their new worker must find their sessions already there.
         """
-        namespace = self
-
-        class _Batch:
-            def __enter__(self) -> None:
-                namespace._closing_all = True
-                if namespace._recovery is not None:
-                    namespace._recovery.save([(session.pid, namespace._saved(sid, session))
-                                              for sid, session in list(namespace.sessions.items())
-                                              if session.pid is not None])
-
-            def __exit__(self, *exc: Any) -> None:
-                namespace._closing_all = False
-
-        return _Batch()
+        self._closing_all = True
+        try:
+            if self._recovery is not None:
+                self._recovery.save([(session.pid, self._saved(sid, session))
+                                     for sid, session in list(self.sessions.items()) if session.pid is not None])
+            yield
+        finally:
+            self._closing_all = False
 
     # --- client events
 
