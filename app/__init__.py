@@ -13,6 +13,7 @@ Nothing starts at import or in ``create_app``: the returned callable's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,21 +56,14 @@ def create_app(settings: Settings | None = None) -> Any:
     """Build the WSGI callable: Socket.IO beside Flask, wired to the database and the bus."""
     import gevent
     from flask import Flask
-    from gevent.event import AsyncResult
 
     from app import log
-    from app.auth.checker import AuthChecker
-    from app.auth.ratelimit import FailureCounter, RedisFailureCounter
-    from app.auth.store import AuthStore
     from app.bus.cluster import Cluster
-    from app.bus.envelope import Kick, Publication
-    from app.bus.postgres import PostgresBus
     from app.config import ConfigError, load_settings
     from app.db import Database
     from app.http import Services, register
     from app.http.api import ServerApi
     from app.metrics import Metrics
-    from app.publish.pg_notify import PostgresSource
     from app.publish.service import Publisher
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
@@ -88,105 +82,68 @@ def create_app(settings: Settings | None = None) -> Any:
     metrics = Metrics(__version__)
     db = Database(settings.database_url, pool_size=settings.db_pool_size,
                   timeout=settings.db_timeout, timezone=settings.db_timezone, observer=metrics.query)
-    limiter: Any = FailureCounter(settings.auth_failures, settings.auth_failure_window)
-    if settings.redis_url:
-        # Shared by every worker and instance (README, "Brute force").
-        from app.bus.redis import bounded_client
-
-        limiter = RedisFailureCounter(
-            bounded_client(settings.redis_url, settings.db_timeout, settings.db_pool_size),
-            f"{settings.emitter_prefix}:orgcast:failures:", settings.auth_failures, settings.auth_failure_window)
-    checker = AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
-                          cache_ttl=settings.auth_cache_ttl, limiter=limiter, waiter=AsyncResult,
-                          wait_timeout=settings.db_timeout + 1, observer=metrics)
+    checker = _build_checker(settings, db, metrics)
+    runtime = Runtime()
+    bus, store, postgres, checks = _build_bus(settings, db, metrics, runtime)
+    publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast, observer=metrics)
+    _build_sources(settings, publisher, postgres, bus, metrics)
 
     timers = Timers()
     sio = build_server(settings, RoomsManager(), timers)
     sio.on_pending_refused = metrics.pending_refused
     WebSocket.on_slow_consumer = metrics.slow_consumer
-    fanout = Fanout(sio, on_forget=checker.forget_user, observer=metrics)
-    # The bus: Redis with REDIS_URL, else Postgres. Postgres always hears the
-    # backends that publish in SQL (in the leader process).
-    prefix = settings.emitter_prefix
-    history = (settings.recovery_window, settings.history_size) if settings.recovery else None
-    postgres = PostgresBus(db, settings.database_url, carries_bus=not settings.redis_url,
-                           source_channels=("orgcast", f"{prefix}#/"),
-                           attachments_table=settings.emitter_attachments_table, history=history)
-    bus: Any = postgres
-    probe_timeout = min(1.0, settings.db_timeout)
-    checks = {"database": lambda: db.ping(timeout=probe_timeout)}
-    if settings.redis_url:
-        from app.bus.redis import RedisBus, make_redis_probe
-        from app.publish.redis_emitter import RedisEmitterSource
-
-        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix,
-                       connections=settings.db_pool_size, history=history)
-        checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
-    for listener in {postgres, bus}:
-        listener.observer = metrics
-        metrics.buses(listener.name)
-    publisher = Publisher(bus, broadcast_everyone=settings.emitter_broadcast, observer=metrics)
+    fanout = Fanout(sio, on_forget=checker.forget_user, observer=metrics, offsets=settings.recovery)
+    fanout.cursor = lambda: bus.cursor
+    bus.on_entry = fanout.handle
+    bus.on_lost = lambda why: sio.close_all()
 
     # Every worker of every instance, over the bus: /admin/stats and presence.
     cluster = Cluster(bus, timeout=settings.cluster_timeout)
-
-    def session_of(sid: str) -> Any:
-        return namespace.sessions.get(sid)
-
+    bus.on_signal = cluster.handle
+    sessions: dict[str, Any] = {}
     presence = Presence(
         cluster, members=fanout.members,
-        user_of=lambda sid: getattr(session_of(sid), "user_id", None),
-        organizations_of=lambda sid: list(getattr(session_of(sid), "organizations", ())),
-        store=bus if settings.presence_events else None,
+        user_of=lambda sid: getattr(sessions.get(sid), "user_id", None),
+        organizations_of=lambda sid: list(getattr(sessions.get(sid), "organizations", ())),
+        store=store if settings.presence_events else None,
         emitter=publisher if settings.presence_events else None)
     cluster.answer("presence.organization", presence.organization_here)
     cluster.answer("presence.user", presence.user_here)
     cluster.on_gone.append(presence.forget)
     cluster.on_taken_for_gone.append(presence.taken_for_gone)
+    recovery = Recovery(store, store, epoch=lambda: bus.epoch) if settings.recovery else None
     namespace = OrgcastNamespace(
         checker, fanout, timers, expiry_warning=settings.expiry_warning,
         max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user,
-        recovery=Recovery(bus, settings.recovery_window) if settings.recovery else None, observer=metrics,
-        presence=presence if presence.events else None)
+        recovery=recovery, observer=metrics, presence=presence if presence.events else None)
+    sessions = namespace.sessions
     sio.register_namespace(namespace)
-    sql_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
-                                postgres.fetch_attachment)
-    sql_source.drops.on_drop = metrics.source_drop
-    postgres.on_source = sql_source.handle
-    runtime = Runtime()
-    checks["bus"] = bus.probe
-    if settings.redis_url:
-        redis_source = RedisEmitterSource(publisher, prefix)
-        redis_source.drops.on_drop = metrics.source_drop
-        bus.on_source = redis_source.handle
-        checks["sql_publishing"] = postgres.probe
-        runtime.starters.append(lambda: postgres.start(lambda message: None))
-        runtime.stoppers.append(postgres.stop)
 
     worker_stats = WorkerStats(
         peer=cluster.peer, sockets=lambda: len(namespace.sessions), organizations=fanout.organization_sizes,
         bus=bus.stats, auth=lambda: {"cached": checker.cached}, tally=metrics.tally)
     cluster.answer("stats", worker_stats.answer)
 
-    def on_bus(message: Any) -> None:
-        if isinstance(message, (Publication, Kick)):
-            fanout.handle(message)
-        else:
-            cluster.handle(message)
-
     def stats() -> dict[str, Any]:
         answers = cluster.ask("stats")
         return summarize(answers.by_peer, answers.partial, answers.latency_ms)
 
-    runtime.starters += [lambda: bus.start(on_bus), cluster.start, worker_stats.start, presence.start,
+    runtime.starters += [bus.start, cluster.start, worker_stats.start, presence.start,
                          # the INFO lines of one loop turn in one write (app/log.py)
                          lambda: log.batching(gevent.get_hub().loop.run_callback)]
     runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop, lambda: log.batching(None)]
+    if recovery is not None:
+        keeper = _Keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2)
+        runtime.starters.append(keeper.start)
+        runtime.stoppers.append(keeper.stop)
 
     def drain(timeout: float) -> None:
-        # Everything accepted (202) before the signal was published on the bus
-        # before this marker: once the marker is heard, it has been delivered.
-        bus.barrier(min(2.0, timeout))
+        # Everything accepted (202) before the signal is in the log before its
+        # head now: once this worker has read that far, it has been delivered.
+        try:
+            bus.caught_up(bus.head(), min(2.0, timeout))
+        except Exception as exc:  # the bus is down: close anyway, clients recover elsewhere
+            logging.getLogger(__name__).warning("stopping without reaching the log's head: %s", exc)
         sio.close_all()
 
     runtime.drainers.append(drain)
@@ -198,7 +155,8 @@ def create_app(settings: Settings | None = None) -> Any:
                                  version=__version__, metrics=metrics.render, stats=stats,
                                  on_readiness=metrics.readiness))
 
-    api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app, presence=presence)
+    api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app, presence=presence,
+                    observer=metrics)
     wsgi = build_wsgi(sio, api, settings)
     # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
     wsgi.runtime = runtime  # type: ignore[attr-defined]
@@ -208,3 +166,109 @@ def create_app(settings: Settings | None = None) -> Any:
     wsgi.metrics = metrics  # type: ignore[attr-defined]
     wsgi.cluster = cluster  # type: ignore[attr-defined]
     return wsgi
+
+
+def _build_checker(settings: Settings, db: Any, metrics: Any) -> Any:
+    """The connect check: the configured SQL, its cache, and the failure counter (shared through Redis)."""
+    from gevent.event import AsyncResult
+
+    from app.auth.checker import AuthChecker
+    from app.auth.ratelimit import FailureCounter, RedisFailureCounter
+    from app.auth.store import AuthStore
+
+    limiter: Any = FailureCounter(settings.auth_failures, settings.auth_failure_window)
+    if settings.redis_url:
+        # Shared by every worker and instance (README, "Brute force").
+        from app.bus.redis import bounded_client
+
+        limiter = RedisFailureCounter(
+            bounded_client(settings.redis_url, settings.db_timeout, settings.db_pool_size),
+            f"{settings.emitter_prefix}:orgcast:failures:", settings.auth_failures, settings.auth_failure_window)
+    return AuthChecker(AuthStore(db, settings.token_sql, settings.membership_sql),
+                       cache_ttl=settings.auth_cache_ttl, limiter=limiter, waiter=AsyncResult,
+                       wait_timeout=settings.db_timeout + 1, observer=metrics)
+
+
+def _build_bus(settings: Settings, db: Any, metrics: Any, runtime: Runtime) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The bus (Redis with REDIS_URL, else Postgres), its store, the Postgres listener, and the readiness checks.
+
+    Postgres always hears the backends that publish in SQL (in the leader process).
+    """
+    from app.bus.postgres import PostgresBus
+    from app.bus.postgres_store import PostgresStore
+
+    prefix = settings.emitter_prefix
+    postgres = PostgresBus(db, settings.database_url or "", window=settings.recovery_window,
+                           history_size=settings.history_size, carries_bus=not settings.redis_url,
+                           source_channels=("orgcast", f"{prefix}#/"),
+                           attachments_table=settings.emitter_attachments_table)
+    probe_timeout = min(1.0, settings.db_timeout)
+    checks: dict[str, Any] = {"database": lambda: db.ping(timeout=probe_timeout)}
+    bus: Any = postgres
+    store: Any = PostgresStore(db, settings.recovery_window)
+    if settings.redis_url:
+        from app.bus.redis import RedisBus, make_redis_probe
+        from app.bus.redis_store import RedisStore
+
+        bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix,
+                       window=settings.recovery_window, history_size=settings.history_size,
+                       connections=settings.db_pool_size)
+        store = RedisStore(bus.client, settings.recovery_window, settings.history_size)
+        checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
+        checks["sql_publishing"] = postgres.probe
+        bus.signals.observer = metrics
+        runtime.starters.append(postgres.start)
+        runtime.stoppers.append(postgres.stop)
+    checks["bus"] = bus.probe
+    for listener in {postgres, bus}:
+        listener.observer = metrics
+        metrics.buses(listener.name)
+    return bus, store, postgres, checks
+
+
+def _build_sources(settings: Settings, publisher: Any, postgres: Any, bus: Any, metrics: Any) -> None:
+    """What backends publish in SQL and with the Socket.IO emitters, heard by the leader, to the Publisher."""
+    from app.publish.pg_notify import PostgresSource
+
+    prefix = settings.emitter_prefix
+    sql_source = PostgresSource(publisher, f"{prefix}#/", settings.emitter_attachments_table,
+                                postgres.fetch_attachment)
+    sql_source.drops.on_drop = metrics.source_drop
+    postgres.on_source = sql_source.handle
+    if settings.redis_url:
+        from app.publish.redis_emitter import RedisEmitterSource
+
+        redis_source = RedisEmitterSource(publisher, prefix)
+        redis_source.drops.on_drop = metrics.source_drop
+        bus.signals.on_source = redis_source.handle
+
+
+class _Keeper:
+    """Fetch the recovery secret, then keep the organizations of live sessions for their recovery."""
+
+    def __init__(self, recovery: Any, sids: Callable[[], list[str]], every: float) -> None:
+        self._recovery = recovery
+        self._sids = sids
+        self._every = every
+        self._runner: Any = None
+
+    def start(self) -> None:
+        import gevent
+
+        self._runner = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.kill(block=False)
+            self._runner = None
+
+    def _run(self) -> None:
+        import gevent
+
+        while not self._recovery.load_secret():
+            gevent.sleep(1.0)
+        while True:
+            gevent.sleep(self._every)
+            sids = self._sids()
+            if sids:
+                self._recovery.keep(sids)

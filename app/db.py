@@ -68,6 +68,9 @@ class Database:
         self.pool_size = pool_size
         #: told (seconds, ok) of every operation (the metrics' database latency)
         self.observer = observer
+        #: while the database fails: when it began, and how many operations failed since
+        self._failing_since: float | None = None
+        self._failures = 0
 
     def fetch_one(self, sql: str, params: Mapping[str, Any],
                   timeout: float | None = None) -> tuple[Any, ...] | None:
@@ -96,6 +99,28 @@ class Database:
 
     def _fetch_all(self, sql: str, params: Mapping[str, Any], timeout: float | None,
                    limit: int | None) -> list[tuple[Any, ...]]:
+        try:
+            rows = self._run(sql, params, timeout, limit)
+        except QueryError:
+            raise
+        except Unavailable as exc:
+            self._failed(getattr(exc, "detail", exc.message))
+            raise
+        if self._failing_since is not None:
+            log.warning("database answers again after %.1f s (%d operations failed meanwhile)",
+                        time.monotonic() - self._failing_since, self._failures)
+            self._failing_since, self._failures = None, 0
+        return rows
+
+    def _failed(self, why: str) -> None:
+        """One line when an outage begins (not one per refused operation); counted until it ends."""
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("database unavailable: %s", why)
+
+    def _run(self, sql: str, params: Mapping[str, Any], timeout: float | None,
+             limit: int | None) -> list[tuple[Any, ...]]:
         budget = self._timeout if timeout is None else timeout
         with self._deadline(budget), self._slot(budget):
             # An idle connection may have died with a database restart: then
@@ -149,8 +174,9 @@ class Database:
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
-            log.warning("database did not answer within %.1fs", budget)
-            raise Unavailable("the database did not answer in time") from None
+            unavailable = Unavailable("the database did not answer in time")
+            unavailable.detail = f"no answer within {budget:.1f} s"
+            raise unavailable from None
         finally:
             deadline.close()
 
@@ -185,5 +211,6 @@ def _first_line(exc: Exception) -> str:
 
 
 def _unavailable(exc: Exception) -> Unavailable:
-    log.warning("database error: %s", _first_line(exc))
-    return Unavailable("the database could not answer")
+    unavailable = Unavailable("the database could not answer")
+    unavailable.detail = _first_line(exc)  # for the log only: clients see the message
+    return unavailable

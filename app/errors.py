@@ -138,6 +138,9 @@ class Refusal(OrgcastError):
 class Unavailable(Refusal):
     """A dependency did not answer in time; the caller should retry."""
 
+    #: what went wrong, for the log (never for clients)
+    detail: str = ""
+
     def __init__(self, message: str | None = None) -> None:
         super().__init__("unavailable", message)
 

@@ -29,7 +29,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values as prometheus_values
 
 from app import process
-from app.errors import REFUSALS
+from app.errors import API_ERRORS, REFUSALS
 
 #: seconds: from a fast cache hit to the database timeout
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -87,6 +87,8 @@ class Metrics:
                            multiprocess_mode="livemostrecent", **kw)
         self.check_up = Gauge("orgcast_check_up", "1 when this readiness check passed, at the last scrape or "
                               "/readyz.", ["check"], multiprocess_mode="livemostrecent", **kw)
+        self.api_refused = Counter("orgcast_api_refused", "Server API requests refused, by code (unavailable: "
+                                   "the log did not take the event, 503).", ["code"], **kw)
         self.source_dropped = Counter("orgcast_source_messages_dropped", "Messages of pg_notify or an emitter "
                                       "that could not be delivered, by source.", ["source"], **kw)
         Gauge("orgcast_build_info", "orgcast's version.", ["version"], multiprocess_mode="max",
@@ -103,6 +105,8 @@ class Metrics:
             self.rate_limited.labels(limit)
         for result in ("recovered", "not_recovered"):
             self.recoveries.labels(result)
+        for code in sorted(API_ERRORS):
+            self.api_refused.labels(code)
 
     def buses(self, *names: str) -> None:
         """Create the series of the bus backends this process listens to."""
@@ -169,6 +173,10 @@ class Metrics:
     def slow_consumer(self) -> None:
         self.slow_consumers.inc()
         self.tally["slow_consumers"] += 1
+
+    def refused(self, code: str) -> None:
+        self.api_refused.labels(code if code in API_ERRORS else "internal_error").inc()
+        self.tally["refused " + code] += 1
 
     def source_drop(self, source: str) -> None:
         self.source_dropped.labels(source if source in SOURCES else "other").inc()

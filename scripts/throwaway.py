@@ -225,28 +225,32 @@ def _signal(pid: int, sig: int) -> None:
 
 
 class ThrowawayRedis:
-    """A redis-server with no persistence on a free port: start(), url, stop()."""
+    """A redis-server on a free port: start(), url, stop(); no persistence unless ``persistent``
+    (an append-only file fsynced at every write, in ``root``, kept across a stop with ``keep``)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, persistent: bool = False, root: Path | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: apt-get install redis-server")
         self.binary = binary
         self.port = port or free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="orgcast-redis-"))
+        self.persistent = persistent
+        self.root = root or Path(tempfile.mkdtemp(prefix="orgcast-redis-"))
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> ThrowawayRedis:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.root), "--daemonize", "no"],
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]),
+             "--dir", str(self.root), "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(self.port, time.monotonic() + timeout, self.proc)
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         if self.proc is not None:
             terminate(self.proc)
         self.proc = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -101,16 +101,16 @@ class AuthChecker:
         self.cache_hits = 0
         self.coalesced = 0
 
-    def authorize(self, creds: Credentials, address: str = "") -> Principal:
-        """Return the principal for these credentials.
+    def authorize(self, creds: Credentials, address: str = "", fresh: bool = False) -> Principal:
+        """Return the principal for these credentials (``fresh``: ask the database, not the cache).
 
         :raise Refusal: rate_limited, token_invalid, token_expired, forbidden, unavailable
         """
         if self._observer is None:
-            return self._authorize(creds, address, ["database"])
+            return self._authorize(creds, address, ["database"], fresh)
         started, result, by = time.monotonic(), "unavailable", ["database"]
         try:
-            principal = self._authorize(creds, address, by)
+            principal = self._authorize(creds, address, by, fresh)
             result = "ok"
             return principal
         except Refusal as exc:
@@ -119,21 +119,21 @@ class AuthChecker:
         finally:
             self._observer.authorized(result, time.monotonic() - started, by[0])
 
-    def _authorize(self, creds: Credentials, address: str, by: list[str]) -> Principal:
+    def _authorize(self, creds: Credentials, address: str, by: list[str], fresh: bool = False) -> Principal:
         """``authorize``; ``by[0]`` is set to what answered."""
         if address and self._limiter.limited(address):
             by[0] = "limiter"
             raise Refusal("rate_limited")
         key = _cache_key(creds.organization_id, creds.token)
         now = self._clock()
-        cached = self._cache.get(key)
+        cached = None if fresh else self._cache.get(key)
         if cached is not None:
             if now < cached[1]:
                 self.cache_hits += 1
                 by[0] = "cache"
                 return cached[0]
             del self._cache[key]
-        pending = self._inflight.get(key)
+        pending = None if fresh else self._inflight.get(key)
         if pending is not None:
             self.coalesced += 1
             by[0] = "coalesced"
@@ -187,11 +187,18 @@ class AuthChecker:
             raise Refusal("forbidden")
 
     def is_member(self, organization_id: str, user_id: str) -> bool:
-        """Tell whether the user belongs to the organization (a recovered session's rooms).
+        """Tell whether the user belongs to the organization (a recovered session's rooms), past the cache.
 
         :raise Unavailable: the database did not answer in time
         """
         return self._store.is_member(organization_id, user_id)
+
+    def still_members(self, organization_ids: list[str], user_id: str) -> list[str]:
+        """The organizations of ``organization_ids`` the user belongs to now (asked of the database).
+
+        :raise Unavailable: the database did not answer in time
+        """
+        return [o for o in organization_ids if self._store.is_member(o, user_id)]
 
     def refresh(self, token: str, user_id: str, organization_id: str, address: str = "") -> float | None:
         """Check a newer token of the same user; return its expiry (epoch seconds, None: never).

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import gevent
 import gevent.event
 
-from app.bus.envelope import Answer, Ask, Hello, Message
+from app.bus.envelope import Answer, Ask, Hello, Message, Signal
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ DEAD_AFTER = 10.0
 
 
 class Bus(Protocol):
-    def publish(self, message: Message) -> None: ...
+    def signal(self, message: Signal) -> None: ...
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Cluster:
             self._runner.kill(block=False)
             self._runner = None
         try:
-            self._bus.publish(Hello(self.peer, bye=True))
+            self._bus.signal(Hello(self.peer, bye=True))
         except Unavailable:
             pass
 
@@ -115,7 +115,7 @@ class Cluster:
         first = True
         while True:
             try:
-                self._bus.publish(Hello(self.peer, reply=first))
+                self._bus.signal(Hello(self.peer, reply=first))
                 first = False
             except Unavailable:
                 pass  # the bus is down: nobody hears anyone; try again
@@ -134,7 +134,7 @@ class Cluster:
         if tell and not self._stopping:
             # Tell it, should it only be stopped: it hears this when it resumes.
             try:
-                self._bus.publish(Hello(peer, bye=True))
+                self._bus.signal(Hello(peer, bye=True))
             except Unavailable:
                 pass
         for question in self._questions.values():
@@ -167,7 +167,7 @@ class Cluster:
             if hello.bye and not self._stopping:
                 log.warning("another worker took this one for gone: saying hello again")
                 try:
-                    self._bus.publish(Hello(self.peer))
+                    self._bus.signal(Hello(self.peer))
                 except Unavailable:
                     pass
                 for callback in self.on_taken_for_gone:
@@ -185,7 +185,7 @@ class Cluster:
         if hello.reply and self._clock() - self._last_reply > 0.2:
             self._last_reply = self._clock()
             try:
-                self._bus.publish(Hello(self.peer))
+                self._bus.signal(Hello(self.peer))
             except Unavailable:
                 pass
 
@@ -201,7 +201,7 @@ class Cluster:
             log.exception("answering %s failed", ask.what)
             return
         try:
-            self._bus.publish(Answer(ask.id, self.peer, ask.peer, data))
+            self._bus.signal(Answer(ask.id, self.peer, ask.peer, data))
         except Unavailable as exc:
             log.warning("could not answer %s: %s", ask.what, exc.message)
 
@@ -229,7 +229,7 @@ class Cluster:
         qid = secrets.token_hex(8)
         self._questions[qid] = question
         try:
-            self._bus.publish(Ask(qid, self.peer, what, arg))
+            self._bus.signal(Ask(qid, self.peer, what, arg))
             question.done.wait(self._timeout)
         finally:
             self._questions.pop(qid, None)

@@ -11,12 +11,17 @@ local delivery:
   socket, behind ``ORGCAST_EMITTER_BROADCAST``), minus those in
   ``except_rooms``. ``args`` is the JSON text of the Socket.IO event
   arguments, ``[event, data, ...]``, encoded once by the publisher so that
-  no worker encodes it again; ``offset`` is the room position that
-  recovery of missed events uses.
+  no worker encodes it again; ``position`` is its place in the log (set
+  when it is read from the log, never encoded: the log keeps it).
 - ``Kick``: disconnect the sockets in ``rooms`` (minus ``except_rooms``),
   and forget the cached acceptances of the users ``forget`` on every worker.
 - ``Hello``, ``Ask``, ``Answer``: the workers of the deployment telling each
   other they are alive, and questions asked of all of them (``bus/cluster.py``).
+
+``Publication`` and ``Kick`` are *log entries*: appended to the bus's log,
+where each has a position (its place in the order orgcast accepted them),
+and read by every worker from its cursor. The others are *signals*: sent to
+whoever listens now, and lost for a worker that is not (``bus/ports.py``).
 
 JSON only: whoever can publish on the bus can send events to rooms, never
 run code, and never put a socket in a room.
@@ -36,7 +41,8 @@ class Publication:
     rooms: tuple[str, ...]
     args: str
     except_rooms: tuple[str, ...] = ()
-    offset: str | None = None
+    #: its place in the log (set by the reader; 0 before it is appended)
+    position: int = 0
     source: str = ""
     #: its id in the logs (a request id, or made up by the publisher)
     id: str = ""
@@ -49,13 +55,6 @@ class Kick:
     rooms: tuple[str, ...]
     except_rooms: tuple[str, ...] = ()
     forget: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Marker:
-    """Nothing to deliver: a process that hears its own marker has heard all it published before."""
-
-    id: str
 
 
 @dataclass(frozen=True)
@@ -87,11 +86,11 @@ class Answer:
     data: Any = None
 
 
-Message = Publication | Kick | Marker | Hello | Ask | Answer
+Entry = Publication | Kick
+Signal = Hello | Ask | Answer
+Message = Entry | Signal
 
 VERSION = 1
-#: where a bus backend that keeps history writes the offset it assigns (see ``split_for_offset``)
-OFFSET_SLOT = "#OFFSET#"
 
 
 def encode(message: Message) -> str:
@@ -101,8 +100,6 @@ def encode(message: Message) -> str:
         body = {"v": VERSION, "k": "pub", "rooms": list(message.rooms), "args": message.args}
         if message.except_rooms:
             body["except"] = list(message.except_rooms)
-        if message.offset is not None:
-            body["offset"] = message.offset
         if message.source:
             body["src"] = message.source
         if message.id:
@@ -113,8 +110,6 @@ def encode(message: Message) -> str:
             body["except"] = list(message.except_rooms)
         if message.forget:
             body["forget"] = list(message.forget)
-    elif isinstance(message, Marker):
-        body = {"v": VERSION, "k": "marker", "rooms": [], "id": message.id}
     elif isinstance(message, Hello):
         body = {"v": VERSION, "k": "hello", "rooms": [], "peer": message.peer}
         if message.bye:
@@ -130,19 +125,6 @@ def encode(message: Message) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
-def split_for_offset(publication: Publication) -> tuple[str, str]:
-    """The JSON text of a publication around its offset: ``prefix + offset + suffix``.
-
-    For backends that assign the offset in the same round trip that
-    publishes (``args`` is a JSON string inside the envelope, so the slot's
-    unescaped quotes cannot occur in it: the last match is the slot).
-    """
-    text = encode(Publication(publication.rooms, publication.args, publication.except_rooms, OFFSET_SLOT,
-                              publication.source, publication.id))
-    prefix, _, suffix = text.rpartition(OFFSET_SLOT)
-    return prefix, suffix
-
-
 def _strings(value: Any, name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name} must be a list of strings")
@@ -154,6 +136,13 @@ def _string(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a string")
     return value
+
+
+def with_position(entry: Entry, position: int) -> Entry:
+    """The entry as read from the log at ``position``."""
+    if isinstance(entry, Publication):
+        return Publication(entry.rooms, entry.args, entry.except_rooms, position, entry.source, entry.id)
+    return entry
 
 
 def decode(text: str | bytes) -> Message:
@@ -171,15 +160,12 @@ def decode(text: str | bytes) -> Message:
     rooms = _strings(body.get("rooms"), "rooms")
     except_rooms = _strings(body.get("except", []), "except")
     if kind == "pub":
-        args, offset = body.get("args"), body.get("offset")
-        if not isinstance(args, str) or not (offset is None or isinstance(offset, str)):
-            raise ValueError("args must be a string, offset a string")
-        return Publication(rooms, args, except_rooms, offset, str(body.get("src", ""))[:32],
-                           str(body.get("id", ""))[:80])
+        args = body.get("args")
+        if not isinstance(args, str):
+            raise ValueError("args must be a string")
+        return Publication(rooms, args, except_rooms, 0, str(body.get("src", ""))[:32], str(body.get("id", ""))[:80])
     if kind == "kick":
         return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
-    if kind == "marker":
-        return Marker(str(body.get("id", "")))
     if kind == "hello":
         return Hello(_string(body, "peer"), bool(body.get("bye")), bool(body.get("reply")))
     if kind == "ask":

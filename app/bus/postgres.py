@@ -1,31 +1,31 @@
-"""The Postgres bus: NOTIFY to publish, one LISTEN connection per worker to hear.
+"""The Postgres bus: the log is a table, NOTIFY its doorbell; one LISTEN connection per worker.
 
-Messages of 7,900 bytes or more (NOTIFY refuses 8,000) are parked in
-``orgcast.bus_messages``, a table of orgcast's own schema that orgcast
-creates, and their id is notified instead; every worker reads the row, and
-the leader deletes rows older than a minute.
+Appending is one statement: it takes the next position from
+``orgcast.log_head`` (an ``UPDATE`` of its one row, whose lock every
+append waits for until the one before commits — so positions follow commit
+order, with no holes), inserts the entry into ``orgcast.log`` and each of
+its rooms' rows into ``orgcast.history``, and notifies ``orgcast_log`` with
+``"<position> <entry>"`` (the position alone for entries of 7,900 bytes or
+more: NOTIFY refuses 8,000). A worker hands on an entry whose position
+follows its cursor straight from the notification; any other (a jump, or
+after a reconnect) makes it read the table from its cursor. Notifications
+arrive in commit order, so the table never holds an entry before a
+position a worker has already handed on.
+
+Signals (heartbeats, questions) are plain NOTIFYs on ``orgcast_signals``;
+large ones are parked in ``orgcast.bus_messages`` and their id notified.
 
 The same connection takes part in electing the *leader*: the one process of
 the deployment holding a session advisory lock, which listens to the
 channels backends publish on (``orgcast`` for ``pg_notify``, and the
-``@socket.io/postgres-emitter`` channel) and hands each notification to the
-source handler. The lock goes with the connection: when the leader dies,
-another worker takes it within ``LEADER_RETRY`` seconds.
-
-With recovery on, every publication is also a row of ``orgcast.history``
-(one per room, all with the offset the publication got from a sequence),
-inserted by the statement that notifies it; disconnected sessions wait in
-``orgcast.sessions``. The leader trims both by age and the history by count
-per room, and notes in ``orgcast.history_trimmed`` how far each room was
-trimmed, so that a recovery that would miss events is refused.
-
-A NOTIFY sent while nobody listens is not kept by Postgres: what is
-published while a listener reconnects is lost for that listener.
+``@socket.io/postgres-emitter`` channel), hands each notification to the
+source handler, and trims what is past its time. The lock goes with the
+connection: when the leader dies, another worker takes it within
+``LEADER_RETRY`` seconds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -35,21 +35,24 @@ import psycopg2
 import psycopg2.extensions
 from gevent.socket import wait_read
 
-from app.bus.base import UP, Bus, Missed, SourceHandler
-from app.bus.envelope import Publication, split_for_offset
+from app.bus.envelope import Entry, Kick, Publication, Signal, encode
+from app.bus.listener import CATCH_UP, LogListener
 from app.db import Database
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-BUS_CHANNEL = "orgcast_bus"
+LOG_CHANNEL = "orgcast_log"
+SIGNAL_CHANNEL = "orgcast_signals"
 #: NOTIFY refuses payloads of 8,000 bytes or more
 NOTIFY_LIMIT = 7900
 #: a key of pg_advisory_lock for the leader (any constant shared by all instances)
 LEADER_LOCK = 0x6F726763  # "orgc"
-LEADER_RETRY = 2.0
+LEADER_RETRY = 1.0
 #: seconds of silence after which the connection is checked with a query
 KEEPALIVE = 5.0
+#: seconds connect, schema and LISTEN may take together (libpq's connect_timeout does not apply under psycogreen)
+CONNECT_TIMEOUT = 10.0
 CLEANUP_EVERY = 10.0
 #: seconds a postgres-emitter attachment is kept (Node's Postgres adapter's cleanupInterval)
 ATTACHMENTS_FOR = 30
@@ -76,11 +79,6 @@ CREATE TABLE IF NOT EXISTS orgcast.history_trimmed (
     room    text PRIMARY KEY,
     through bigint NOT NULL
 );
-CREATE TABLE IF NOT EXISTS orgcast.sessions (
-    pid        text PRIMARY KEY,
-    record     text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
 CREATE TABLE IF NOT EXISTS orgcast.presence (
     organization_id text NOT NULL,
     user_id         text NOT NULL,
@@ -94,37 +92,42 @@ CREATE TABLE IF NOT EXISTS orgcast.presence_count (
     workers         integer NOT NULL,
     PRIMARY KEY (organization_id, user_id)
 );
+CREATE TABLE IF NOT EXISTS orgcast.log (
+    position   bigint PRIMARY KEY,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    message    text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_created_at ON orgcast.log (created_at);
+-- One row: the last position given, how far the log was trimmed, and its epoch.
+-- (Positions go on from the history's old sequence, so an upgraded history keeps its ids.)
+CREATE TABLE IF NOT EXISTS orgcast.log_head (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    position bigint NOT NULL,
+    trimmed  bigint NOT NULL DEFAULT 0,
+    epoch    text NOT NULL
+);
+INSERT INTO orgcast.log_head (position, epoch)
+    SELECT last_value, replace(gen_random_uuid()::text, '-', '') FROM orgcast.history_id
+    ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS orgcast.secrets (
+    name  text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orgcast.socket_organizations (
+    sid           text PRIMARY KEY,
+    organizations text[] NOT NULL,
+    kept_until    timestamptz NOT NULL
+);
 """
 #: the newest object of SCHEMA_SQL: when it exists, the schema is complete
-SCHEMA_LAST = "orgcast.presence_count"
+SCHEMA_LAST = "orgcast.socket_organizations"
 
-_RECORDED = """
-WITH s AS (SELECT nextval('orgcast.history_id') AS id),
+_APPEND = """
+WITH p AS (UPDATE orgcast.log_head SET position = position + 1 RETURNING position),
+     l AS (INSERT INTO orgcast.log (position, message) SELECT position, %(message)s FROM p),
      h AS (INSERT INTO orgcast.history (room, id, args, except_rooms)
-           SELECT r, s.id, %(args)s, %(except)s::text[] FROM s, unnest(%(rooms)s::text[]) AS r)
-"""
-# Each statement one transaction; presence_count's row lock orders concurrent
-# changes of one (organization, user), so that exactly one of them sees 1 (or 0).
-_PRESENCE_JOIN = """
-WITH ins AS (INSERT INTO orgcast.presence VALUES (%(org)s, %(user)s, %(worker)s) ON CONFLICT DO NOTHING RETURNING 1),
-     cnt AS (INSERT INTO orgcast.presence_count SELECT %(org)s, %(user)s, 1 FROM ins
-             ON CONFLICT (organization_id, user_id) DO UPDATE SET workers = orgcast.presence_count.workers + 1
-             RETURNING workers)
-SELECT workers FROM cnt
-"""
-_PRESENCE_LEAVE = """
-WITH del AS (DELETE FROM orgcast.presence WHERE organization_id = %(org)s AND user_id = %(user)s
-             AND worker = %(worker)s RETURNING 1),
-     cnt AS (UPDATE orgcast.presence_count SET workers = workers - 1 WHERE organization_id = %(org)s
-             AND user_id = %(user)s AND EXISTS (SELECT 1 FROM del) RETURNING workers)
-SELECT workers FROM cnt
-"""
-_PRESENCE_FORGET = """
-WITH del AS (DELETE FROM orgcast.presence WHERE worker = %(worker)s RETURNING organization_id, user_id),
-     cnt AS (UPDATE orgcast.presence_count c SET workers = c.workers - 1 FROM del
-             WHERE c.organization_id = del.organization_id AND c.user_id = del.user_id
-             RETURNING c.organization_id, c.user_id, c.workers)
-SELECT organization_id, user_id FROM cnt WHERE workers <= 0
+           SELECT r, p.position, %(args)s, %(except)s::text[] FROM p, unnest(%(rooms)s::text[]) AS r)
+SELECT position, pg_notify(%(channel)s, position::text || %(notified)s) FROM p
 """
 _TRIMMED = """
 INSERT INTO orgcast.history_trimmed (room, through) SELECT room, max(id) FROM gone GROUP BY room
@@ -133,133 +136,58 @@ RETURNING 1
 """
 
 
-class PostgresBus(Bus):
-    """LISTEN/NOTIFY between every worker of every instance sharing the database."""
+class PostgresBus(LogListener):
+    """The log, signals and leadership over the application's Postgres."""
 
     name = "postgres"
 
-    def __init__(self, db: Database, dsn: str, *, carries_bus: bool = True,
-                 source_channels: tuple[str, ...] = (), on_source: SourceHandler | None = None,
-                 attachments_table: str | None = None, history: tuple[float, int] | None = None) -> None:
+    def __init__(self, db: Database, dsn: str, *, window: float, history_size: int, carries_bus: bool = True,
+                 source_channels: tuple[str, ...] = (), attachments_table: str | None = None) -> None:
         super().__init__()
-        #: (window seconds, events per room) when recovery keeps history here
-        self._history = history if carries_bus else None
-        self.recording = self._history is not None
         self._db = db
         self._dsn = dsn
+        self._window = window
+        self._history_size = history_size
         #: False when Redis carries the bus: this connection then only hears the sources
         self.carries_bus = carries_bus
         self._source_channels = source_channels
-        self.on_source = on_source
+        self.on_source: Any = None
         self._attachments_table = attachments_table
         self._conn: Any = None
         self._last_cleanup = 0.0
-        self.parking = True
         if not carries_bus:
             self.name = "postgres-sources"
 
-    # --- publishing
+    # --- the log
 
-    def _publish(self, text: str) -> None:
+    def append(self, entry: Entry) -> int:
+        text = encode(entry)
+        rooms: list[str] = list(entry.rooms) if isinstance(entry, Publication) else []
+        row = self._db.fetch_one(_APPEND, {
+            "message": text, "channel": LOG_CHANNEL,
+            "notified": " " + text if len(text.encode()) < NOTIFY_LIMIT - 24 else "",
+            "rooms": rooms, "args": entry.args if isinstance(entry, Publication) else "",
+            "except": list(entry.except_rooms) if isinstance(entry, Publication | Kick) else []})
+        if row is None:
+            raise Unavailable("orgcast's log is missing its head row")
+        return int(row[0])
+
+    def head(self) -> int:
+        row = self._db.fetch_one("SELECT position FROM orgcast.log_head", {})
+        return int(row[0]) if row is not None else 0
+
+    # --- signals
+
+    def signal(self, message: Signal) -> None:
+        text = encode(message)
         if len(text.encode()) < NOTIFY_LIMIT:
             self._db.fetch_one("SELECT pg_notify(%(channel)s, %(payload)s)",
-                               {"channel": BUS_CHANNEL, "payload": text})
+                               {"channel": SIGNAL_CHANNEL, "payload": text})
             return
-        if not self.parking:
-            raise Unavailable("the message is too large for NOTIFY and orgcast.bus_messages is missing")
-        # One round trip: park the message and notify its id.
         self._db.fetch_one(
             "WITH parked AS (INSERT INTO orgcast.bus_messages (payload) VALUES (%(payload)s) RETURNING id) "
-            "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) "
-            "FROM parked", {"channel": BUS_CHANNEL, "payload": text})
-
-    def _publish_recorded(self, publication: Publication) -> None:
-        prefix, suffix = split_for_offset(publication)
-        params = {"channel": BUS_CHANNEL, "args": publication.args, "except": list(publication.except_rooms),
-                  "rooms": list(publication.rooms) or [""], "prefix": prefix, "suffix": suffix}
-        if len(prefix.encode()) + len(suffix.encode()) + 20 < NOTIFY_LIMIT:
-            sql = _RECORDED + "SELECT pg_notify(%(channel)s, %(prefix)s || s.id::text || %(suffix)s) FROM s"
-        else:
-            sql = _RECORDED + (
-                ", p AS (INSERT INTO orgcast.bus_messages (payload) SELECT %(prefix)s || s.id::text || %(suffix)s "
-                "FROM s RETURNING id) "
-                "SELECT pg_notify(%(channel)s, json_build_object('v', 1, 'k', 'parked', 'id', id)::text) FROM p")
-        self._db.fetch_one(sql, params)
-
-    def history_since_many(self, queries: list[tuple[str, list[str]]]) -> list[Missed | None]:
-        valid = [(int(o), r) for o, r in queries if o.isdigit() and len(o) <= 18]
-        if not valid:
-            return [None] * len(queries)
-        # One statement for all: the bounds of every room asked about, the last id
-        # given, and every event after the lowest offset in any of those rooms.
-        rows = self._db.fetch_all(
-            "SELECT 't', room, through, NULL::text, NULL::text[] FROM orgcast.history_trimmed "
-            "WHERE room = ANY(%(rooms)s) "
-            "UNION ALL SELECT 'l', NULL, last_value, NULL, NULL FROM orgcast.history_id "
-            "UNION ALL SELECT 'e', room, id, args, except_rooms FROM orgcast.history "
-            "WHERE room = ANY(%(rooms)s) AND id > %(low)s",
-            {"rooms": sorted(set().union(*(r for _, r in valid))), "low": min(o for o, _ in valid)})
-        trimmed: dict[str, int] = {}
-        last = 0
-        by_room: dict[str, list[tuple[int, str, tuple[str, ...]]]] = {}
-        for kind, room, at, args, excepted in rows:
-            if kind == "t":
-                trimmed[room] = int(at)
-            elif kind == "l":
-                last = int(at)
-            else:
-                by_room.setdefault(room, []).append((int(at), args, tuple(excepted or ())))
-        answers: list[Missed | None] = []
-        for offset, rooms in queries:
-            if not offset.isdigit() or len(offset) > 18:
-                answers.append(None)
-                continue
-            after = int(offset)
-            if max((trimmed.get(r, 0) for r in rooms), default=0) > after or after > last:
-                answers.append(None)  # some of what followed is gone, or never given here
-                continue
-            seen: dict[int, tuple[str, str, tuple[str, ...]]] = {}
-            for room in rooms:
-                for at, args, excepted in by_room.get(room, ()):
-                    if at > after:
-                        seen.setdefault(at, (str(at), args, excepted))
-            answers.append([seen[at] for at in sorted(seen)])
-        return answers
-
-    def history_head(self) -> str:
-        row = self._db.fetch_one("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM orgcast.history_id", {})
-        return str(row[0]) if row is not None else "0"
-
-    def save_sessions(self, records: list[tuple[str, str]]) -> None:
-        if records:
-            self._db.fetch_one(
-                "WITH saved AS (INSERT INTO orgcast.sessions (pid, record) "
-                "SELECT * FROM unnest(%(pids)s::text[], %(records)s::text[]) "
-                "ON CONFLICT (pid) DO UPDATE SET record = EXCLUDED.record, created_at = now() RETURNING 1) "
-                "SELECT count(*) FROM saved", {"pids": [p for p, _ in records], "records": [r for _, r in records]})
-
-    def take_sessions(self, pids: list[str]) -> list[str | None]:
-        if self._history is None:
-            return [None] * len(pids)
-        rows = self._db.fetch_all(
-            f"DELETE FROM orgcast.sessions WHERE pid = ANY(%(pids)s) AND created_at > now() - interval "
-            f"'{float(self._history[0])} seconds' RETURNING pid, record", {"pids": list(set(pids))})
-        kept = {str(pid): str(record) for pid, record in rows}
-        return [kept.pop(pid, None) for pid in pids]
-
-    def presence_join(self, organization_id: str, user_id: str, worker: str) -> bool:
-        row = self._db.fetch_one(_PRESENCE_JOIN, {"org": organization_id, "user": user_id, "worker": worker})
-        return row is not None and int(row[0]) == 1
-
-    def presence_leave(self, organization_id: str, user_id: str, worker: str) -> bool:
-        row = self._db.fetch_one(_PRESENCE_LEAVE, {"org": organization_id, "user": user_id, "worker": worker})
-        return row is not None and int(row[0]) <= 0
-
-    def presence_forget(self, worker: str) -> list[tuple[str, str]]:
-        return [(str(o), str(u)) for o, u in self._db.fetch_all(_PRESENCE_FORGET, {"worker": worker})]
-
-    def presence_workers(self) -> set[str]:
-        return {str(w) for (w,) in self._db.fetch_all("SELECT DISTINCT worker FROM orgcast.presence", {})}
+            "SELECT pg_notify(%(channel)s, 'parked ' || id::text) FROM parked",
+            {"channel": SIGNAL_CHANNEL, "payload": text})
 
     def fetch_attachment(self, table: str, attachment_id: Any) -> bytes | None:
         """Return the payload of a ``@socket.io/postgres-emitter`` attachment, or None.
@@ -273,15 +201,16 @@ class PostgresBus(Bus):
     # --- listening
 
     def _listen(self) -> None:
-        self._conn = conn = psycopg2.connect(self._dsn, application_name="orgcast-listen",
-                                             connect_timeout=5, keepalives=1, keepalives_idle=10,
-                                             keepalives_interval=5, keepalives_count=3)
-        conn.autocommit = True
-        if self.carries_bus:
-            self._ensure_schema(conn)
-            self._execute(conn, f'LISTEN "{BUS_CHANNEL}"')
-        self.state = UP
-        log.info("%s bus listening", self.name)
+        with gevent.Timeout(CONNECT_TIMEOUT, TimeoutError("connecting took too long")):
+            self._conn = conn = psycopg2.connect(self._dsn, application_name="orgcast-listen",
+                                                 connect_timeout=5, keepalives=1, keepalives_idle=10,
+                                                 keepalives_interval=5, keepalives_count=3)
+            conn.autocommit = True
+            if self.carries_bus:
+                self._ensure_schema(conn)
+                self._execute(conn, f'LISTEN "{LOG_CHANNEL}"; LISTEN "{SIGNAL_CHANNEL}"')
+                self._catch_up(conn)
+        self._up()
         next_leader_try = 0.0
         while True:
             now = time.monotonic()
@@ -290,9 +219,9 @@ class PostgresBus(Bus):
                 next_leader_try = now + LEADER_RETRY
             if self.leader and now - self._last_cleanup > CLEANUP_EVERY:
                 self.cleanup()
-            # A statement on this connection (the keepalive, the leader lock)
-            # collects the notifications that arrived meanwhile: hand them on
-            # now, not after the next wake-up.
+            # A statement on this connection (the keepalive, the leader lock, a
+            # catch-up) collects the notifications that arrived meanwhile: hand
+            # them on now, not after the next wake-up.
             self._dispatch(conn)
             try:
                 wait_read(conn.fileno(), timeout=KEEPALIVE if self.leader or not self._source_channels
@@ -306,11 +235,31 @@ class PostgresBus(Bus):
             conn.poll()
             self._dispatch(conn)
 
+    def _catch_up(self, conn: Any) -> None:
+        """Read the log from the cursor to its end (after a reconnect, or a jump in positions)."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT position, trimmed, epoch FROM orgcast.log_head")
+            head, trimmed, epoch = cur.fetchone()
+        after = self._resumed(str(epoch), int(head), int(trimmed))
+        while True:
+            with gevent.Timeout(KEEPALIVE, TimeoutError("no answer to a catch-up read")):
+                with conn.cursor() as cur:
+                    cur.execute("SELECT position, message FROM orgcast.log WHERE position > %s ORDER BY position "
+                                "LIMIT %s", (after, CATCH_UP))
+                    rows = cur.fetchall()
+            for position, message in rows:
+                self._entry(int(position), message)
+                after = int(position)
+            if len(rows) < CATCH_UP:
+                return
+
     def _dispatch(self, conn: Any) -> None:
         while conn.notifies:
             notify = conn.notifies.pop(0)
-            if notify.channel == BUS_CHANNEL:
-                self._bus_payload(notify.payload)
+            if notify.channel == LOG_CHANNEL:
+                self._doorbell(conn, notify.payload)
+            elif notify.channel == SIGNAL_CHANNEL:
+                self._signal_payload(notify.payload)
             elif self.on_source is not None:
                 try:
                     self.on_source(notify.channel, notify.payload)
@@ -318,22 +267,36 @@ class PostgresBus(Bus):
                     self.dropped += 1
                     log.exception("handling a notification on %s failed", notify.channel)
 
-    def _bus_payload(self, payload: str) -> None:
-        if '"parked"' in payload[:64]:
+    def _doorbell(self, conn: Any, payload: str) -> None:
+        number, _, text = payload.partition(" ")
+        try:
+            position = int(number)
+        except ValueError:
+            self.dropped += 1
+            log.warning("dropped a notification on %s that is not a position", LOG_CHANNEL)
+            return
+        cursor = self.cursor or 0
+        if position <= cursor:
+            return  # read already (the catch-up after a reconnect overlaps the notifications)
+        if position == cursor + 1 and text:
+            self._entry(position, text)
+        else:
+            self._catch_up(conn)  # a large entry, or one missed
+
+    def _signal_payload(self, payload: str) -> None:
+        if payload.startswith("parked "):
             try:
-                parked_id = int(json.loads(payload)["id"])
                 row = self._db.fetch_one("SELECT payload FROM orgcast.bus_messages WHERE id = %(id)s",
-                                         {"id": parked_id})
-            except (ValueError, KeyError, TypeError, Unavailable) as exc:
+                                         {"id": int(payload[7:])})
+            except (ValueError, Unavailable) as exc:
                 self.dropped += 1
-                log.warning("could not read a parked bus message: %s", exc)
+                log.warning("could not read a parked signal: %s", exc)
                 return
             if row is None:
                 self.dropped += 1
-                log.warning("parked bus message %d is gone", parked_id)
                 return
             payload = row[0]
-        self._received(payload)
+        self._signal(payload)
 
     def _try_lead(self, conn: Any) -> None:
         with gevent.Timeout(KEEPALIVE, TimeoutError("no answer to the leader lock")):
@@ -350,47 +313,47 @@ class PostgresBus(Bus):
         with conn.cursor() as cur:
             cur.execute("SELECT to_regclass(%s) IS NOT NULL", (SCHEMA_LAST,))
             if cur.fetchone()[0]:
-                self.parking = True
                 return
             try:
                 conn.autocommit = False
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEADER_LOCK + 1,))
                 cur.execute(SCHEMA_SQL)
                 conn.commit()
-                self.parking = True
-                log.info("created orgcast's schema (bus messages over %d bytes, history, sessions)", NOTIFY_LIMIT)
+                log.info("created orgcast's schema (the log, history, sessions)")
             except psycopg2.Error as exc:
                 conn.rollback()
-                self.parking = False
-                log.error("cannot create orgcast's schema (%s): bus messages over %d bytes and recovery will "
-                          "fail; grant CREATE on the database or create it (README, \"The bus\")",
-                          str(exc).strip().splitlines()[0], NOTIFY_LIMIT)
+                log.error("cannot create orgcast's schema (%s): grant CREATE on the database or create it "
+                          "(README, \"The bus\")", str(exc).strip().splitlines()[0])
+                raise
             finally:
                 conn.autocommit = True
 
     def cleanup(self) -> None:
         """Delete what is past its time (the leader, every CLEANUP_EVERY seconds)."""
         self._last_cleanup = time.monotonic()
+        window = float(max(self._window, 60.0))
         try:
-            if self.carries_bus and self.parking:
+            if self.carries_bus:
+                self._db.fetch_one(
+                    "WITH gone AS (DELETE FROM orgcast.log WHERE created_at < now() - interval "
+                    f"'{window} seconds' RETURNING position) "
+                    "UPDATE orgcast.log_head SET trimmed = GREATEST(trimmed, (SELECT max(position) FROM gone)) "
+                    "WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1", {})
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
                                    f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
                                    {})
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.presence_count WHERE workers <= 0 "
                                    "RETURNING 1) SELECT count(*) FROM gone", {})
-            if self._history is not None:
-                window, size = self._history
+                self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.socket_organizations WHERE kept_until < "
+                                   "now() RETURNING 1) SELECT count(*) FROM gone", {})
                 self._db.fetch_one(
                     "WITH gone AS (DELETE FROM orgcast.history WHERE created_at < now() - interval "
-                    f"'{float(window)} seconds' RETURNING room, id) " + _TRIMMED, {})
+                    f"'{float(self._window)} seconds' RETURNING room, id) " + _TRIMMED, {})
                 self._db.fetch_one(
                     "WITH ranked AS (SELECT room, id, row_number() OVER (PARTITION BY room ORDER BY id DESC) AS n "
                     "FROM orgcast.history), gone AS (DELETE FROM orgcast.history h USING ranked r "
                     "WHERE h.room = r.room AND h.id = r.id AND r.n > %(size)s RETURNING h.room, h.id) " + _TRIMMED,
-                    {"size": size})
-                self._db.fetch_one(
-                    "WITH gone AS (DELETE FROM orgcast.sessions WHERE created_at < now() - interval "
-                    f"'{float(window)} seconds' RETURNING 1) SELECT count(*) FROM gone", {})
+                    {"size": self._history_size})
             if self._attachments_table and self._db.fetch_one(
                     "SELECT 1 WHERE to_regclass(%(table)s) IS NOT NULL", {"table": self._attachments_table}):
                 # What the Node Postgres adapter did for its emitters' attachments.

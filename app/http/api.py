@@ -44,11 +44,18 @@ class Presence(Protocol):
     def user(self, user_id: str) -> dict[str, Any]: ...
 
 
+class Observer(Protocol):
+    """Told of every request refused (the metrics implement it)."""
+
+    def refused(self, code: str) -> None: ...
+
+
 class ServerApi:
     """The ``/api/v1/`` routes, mounted before ``fallback`` (Flask)."""
 
     def __init__(self, publisher: Publisher, api_keys: tuple[str, ...], max_payload: int,
-                 fallback: WSGIApp, presence: Presence | None = None) -> None:
+                 fallback: WSGIApp, presence: Presence | None = None, observer: Observer | None = None) -> None:
+        self._observer = observer
         self._publisher = publisher
         self._keys = api_keys
         self._limit = max_payload
@@ -86,6 +93,8 @@ class ServerApi:
             except (ApiError, Unavailable) as exc:
                 status = exc.status if isinstance(exc, ApiError) else 503
                 code = exc.code if isinstance(exc, ApiError) else "unavailable"
+                if self._observer is not None:
+                    self._observer.refused(code)
                 body, headers = _error(status, code, exc.message)
                 return _respond(start_response, status, body, [*headers, *tag])
         return _respond(start_response, 404, *_error(404, "not_found"))

@@ -2,8 +2,10 @@
 
 The HTTP API, ``pg_notify`` and the Socket.IO emitters each decode their
 own format, then call one method here: validation, encoding and the
-publish to the bus live here, once. The bus carries the publication to
-every worker and host, each of which delivers it to its own sockets.
+append to the bus's log live here, once. Every worker and host reads the
+log and delivers each publication to its own sockets; a publish that
+returns has been appended (a ``202``), one the log did not take raises
+``Unavailable`` (a ``503``).
 
 A service: it imports neither Flask, Socket.IO nor a driver; the bus comes
 in through the constructor.
@@ -19,7 +21,7 @@ from typing import Any, Protocol
 
 from app import process
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
-from app.bus.envelope import Kick, Message, Publication
+from app.bus.envelope import Entry, Kick, Publication
 from app.errors import ApiError
 from app.realtime.rooms import USER_PREFIX, is_valid_room, organization_room, user_room
 
@@ -31,8 +33,8 @@ RESERVED_EVENTS = frozenset(
 )
 
 
-class Bus(Protocol):
-    def publish(self, message: Message) -> None: ...
+class Log(Protocol):
+    def append(self, entry: Entry) -> int: ...
 
 
 class Observer(Protocol):
@@ -74,8 +76,8 @@ class Event:
 class Publisher:
     """Validate, encode, then publish events and disconnects on the bus."""
 
-    def __init__(self, bus: Bus, *, broadcast_everyone: bool = False, observer: Observer | None = None) -> None:
-        self._bus = bus
+    def __init__(self, log: Log, *, broadcast_everyone: bool = False, observer: Observer | None = None) -> None:
+        self._log = log
         self._broadcast_everyone = broadcast_everyone
         self._observer = observer
 
@@ -96,19 +98,19 @@ class Publisher:
         """Deliver ``event`` with ``data`` (one argument) to ``room`` everywhere.
 
         :raise ApiError: invalid_room, invalid_event, bad_request
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         self.send(self.prepare(room, event, data), source, request_id)
 
     def send(self, event: Event, source: str, request_id: str = "") -> None:
         """Publish an event that ``prepare`` validated (``request_id``: its id in the logs; made up if empty).
 
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         self._send(Publication((event.room,), event.args, source=source, id=request_id or new_id()))
 
     def _send(self, publication: Publication) -> None:
-        self._bus.publish(publication)
+        self._log.append(publication)
         if self._observer is not None:
             self._observer.published(publication.source)
         log.debug("%s: published %s to %s", publication.source, publication.id, ",".join(publication.rooms))
@@ -132,7 +134,7 @@ class Publisher:
         """Deliver to ``organization.<id>``; return the room.
 
         :raise ApiError: invalid_organization, invalid_event, bad_request
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         room = self.organization_room(organization_id)
         self.publish(room, event, data, source, request_id)
@@ -142,7 +144,7 @@ class Publisher:
         """Deliver to ``user.<user_id>``; return the room.
 
         :raise ApiError: invalid_user, invalid_event, bad_request
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         room = self.user_room(user_id)
         self.publish(room, event, data, source, request_id)
@@ -160,7 +162,7 @@ class Publisher:
 
         :raise ApiError: invalid_event, bad_request, invalid_room (none of the
             rooms is an orgcast room, or no room while broadcasts are off)
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         if not args or not is_valid_event(args[0]):
             raise ApiError("invalid_event")
@@ -179,10 +181,10 @@ class Publisher:
         """Disconnect every socket of the user everywhere, and forget its cached acceptances.
 
         :raise ApiError: invalid_user
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         room = self.user_room(user_id)
-        self._bus.publish(Kick((room,), forget=(user_id,)))
+        self._log.append(Kick((room,), forget=(user_id,)))
         log.info("%s: disconnect user %s", source, user_id)
         return room
 
@@ -192,14 +194,14 @@ class Publisher:
         Users' rooms also drop those users' cached acceptances.
 
         :raise ApiError: invalid_room (none of the rooms is an orgcast room)
-        :raise Unavailable: the bus did not take it
+        :raise Unavailable: the log did not take it
         """
         valid = tuple(dict.fromkeys(r for r in rooms if is_valid_room(r)))
         if not valid:
             raise ApiError("invalid_room", "no orgcast room to disconnect")
         excluded = tuple(r for r in except_rooms if is_valid_room(r))
         users = tuple(r[len(USER_PREFIX):] for r in valid if r.startswith(USER_PREFIX))
-        self._bus.publish(Kick(valid, excluded, users))
+        self._log.append(Kick(valid, excluded, users))
         log.info("%s: disconnect the sockets of %d rooms", source, len(valid))
 
     # --- ids

@@ -134,8 +134,8 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         self._ping_seq = 0
         self._pending: deque[tuple[Any, tuple[Any, ...]]] | None = None
         self._runner: gevent.Greenlet | None = None
-        #: while the socket is being recovered: what was published for it meanwhile (realtime/fanout.py)
-        self.held: list[Any] | None = None
+        #: while the socket's history is read: what keeps its events in order and once (realtime/fanout.py)
+        self.gate: Any = None
 
     # --- heartbeat
 
@@ -160,6 +160,11 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
     def _pong_overdue(self, seq: int) -> None:
         if seq == self._ping_seq and self.last_ping and not (self.closing or self.closed):
             log.debug("%s: no pong within the ping timeout, closing", self.sid)
+            # Not here: the close runs the disconnect handlers, and a timer never waits on them.
+            self._later(self._ping_timed_out, seq)
+
+    def _ping_timed_out(self, seq: int) -> None:
+        if seq == self._ping_seq and self.last_ping and not (self.closing or self.closed):
             self.close(wait=False, abort=False, reason=self.server.reason.PING_TIMEOUT)
 
     # --- sending

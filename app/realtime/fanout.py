@@ -6,10 +6,18 @@ WebSocket recipient (server frames are not masked, so it is the same bytes
 for all), and the same packet object, encoded once, is queued for polling
 ones. Rooms are python-socketio's.
 
-With recovery on, the publication's offset is the packet's last argument —
-the same for every recipient, so the frame is still built once. A socket
-being recovered is *held*: what arrives for it waits until the events it
-missed have been sent (``hold`` / ``release``).
+With recovery on, the publication's log position is the packet's last
+argument (its *offset*) — the same for every recipient, so the frame is
+still built once.
+
+Exactly once, in order: entries come here in log order, so a socket that
+has been in a room since position L receives every event of it after L, in
+order, once. A socket whose history is being read — recovery — has a
+*gate*: what arrives for it waits (``hold``) until what it missed, read
+from the history through L, has been sent; then what waited follows
+(``release``). A client that comes back from a worker that was ahead of
+this one (its offset past L) gets a floor: nothing at or below what it
+already has is sent again.
 """
 
 from __future__ import annotations
@@ -45,27 +53,41 @@ def event_name(args: str) -> str:
     return name[:64] if isinstance(name, str) else "?"
 
 
-def _packet_text(args: str, offset: str | None) -> str:
+def _packet_text(args: str, offset: int | None) -> str:
     """The Socket.IO EVENT packet on "/": ``2[event, ...args]``, the offset appended when there is one."""
     if offset is None:
         return "2" + args
-    return "2" + args[:-1] + ',"' + offset + '"]'
+    return "2" + args[:-1] + ',"' + str(offset) + '"]'
+
+
+class Gate:
+    """What keeps a socket's events in order and once while its history is read."""
+
+    __slots__ = ("held", "floor")
+
+    def __init__(self, floor: int = 0) -> None:
+        #: (position, packet text) that arrived while the history was read; None once released
+        self.held: list[tuple[int, str]] | None = []
+        #: positions at or below this one are not sent (the client has them)
+        self.floor = floor
 
 
 class Fanout:
     """Deliver publications and kicks to the sockets of this process."""
 
     def __init__(self, sio: SocketServer, on_forget: Callable[[str], None] | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, offsets: bool = True) -> None:
         self._sio = sio
         self._on_forget = on_forget
         self._observer = observer
+        #: append each event's position as its last argument (connection state recovery)
+        self.offsets = offsets
         self.delivered = 0
-        #: the offset of the last publication heard (where a new socket's history starts)
-        self.head: str | None = None
+        #: the position through which the log has been delivered here (set by the bus listener)
+        self.cursor: Callable[[], int | None] = lambda: None
 
     def handle(self, message: Message) -> None:
-        """Act on one bus message."""
+        """Act on one entry of the log (in log order)."""
         if isinstance(message, Publication):
             self.deliver(message)
         elif isinstance(message, Kick):
@@ -73,9 +95,8 @@ class Fanout:
 
     def deliver(self, publication: Publication) -> int:
         """Write a publication to every local socket it is for; return how many."""
-        offset = publication.offset
-        if offset is not None:
-            self.head = offset
+        position = publication.position
+        offset = position if self.offsets else None
         recipients = self._recipients(publication.rooms, publication.except_rooms)
         if not recipients:
             self._delivered(publication, 0, 0)
@@ -90,9 +111,15 @@ class Fanout:
             if sock is None or sock.closed:
                 dropped += 1
                 continue
-            if sock.held is not None:
-                sock.held.append((offset, pkt))
-                continue
+            gate = sock.gate
+            if gate is not None:
+                if gate.held is not None:
+                    gate.held.append((position, text))
+                    count += 1
+                    continue
+                if position <= gate.floor:
+                    continue  # the client has it already
+                sock.gate = None
             ws = sock.ws
             if ws is not None and not sock.upgrading:
                 ws.send_frame_bytes(frame)
@@ -113,26 +140,37 @@ class Fanout:
                                    "source": publication.source, "rooms": list(publication.rooms),
                                    "recipients": count})
 
-    def hold(self, sid: str) -> None:
-        """Keep what is published for socket ``sid`` until ``release``."""
+    def hold(self, sid: str) -> int | None:
+        """Keep what is published for socket ``sid`` until ``release``; return the position delivered through.
+
+        Everything at or before the returned position has been delivered to
+        the sockets of this worker; everything after it waits for ``release``.
+        """
         sock = self._session(sid)
         if sock is not None:
-            sock.held = []
+            sock.gate = Gate()
+        return self.cursor()
 
-    def release(self, sid: str, missed: list[tuple[str, str]]) -> None:
-        """Send ``missed`` (offset, args), then what was held for ``sid`` and is not among them."""
+    def release(self, sid: str, missed: list[tuple[int, str]], floor: int = 0) -> None:
+        """Send ``missed`` (position, args), then what was held for ``sid`` after ``floor``."""
         sock = self._session(sid)
         if sock is None:
             return
-        held, sock.held = sock.held or [], None
-        sent = set()
-        for offset, args in missed:
-            sock.send(eio_packet.Packet(eio_packet.MESSAGE, _packet_text(args, offset)))
-            sent.add(offset)
-        for offset, pkt in held:
-            if offset is None or offset not in sent:
-                sock.send(pkt)
-        self.delivered += len(missed) + len(held)
+        gate = sock.gate
+        held = gate.held or [] if gate is not None else []
+        for position, args in missed:
+            sock.send(eio_packet.Packet(eio_packet.MESSAGE, _packet_text(args, position if self.offsets else None)))
+        for position, text in held:
+            if position > floor:
+                sock.send(eio_packet.Packet(eio_packet.MESSAGE, text))
+        self.delivered += len(missed)  # (the held ones were counted as they came)
+        now = self.cursor() or 0
+        if floor > now:
+            # The client came from a worker that was ahead: skip what it has until this one catches up.
+            sock.gate = Gate(floor)
+            sock.gate.held = None
+        else:
+            sock.gate = None
 
     def _session(self, sid: str) -> Any:
         eio_sid = self._sio.manager.eio_sid_from_sid(sid, NAMESPACE)

@@ -36,7 +36,7 @@ from app.auth.checker import AuthChecker, Principal
 from app.errors import Refusal, Unavailable, ack_error, connect_error
 from app.realtime.expiry import ExpiryClock, iso_utc
 from app.realtime.fanout import Fanout
-from app.realtime.recovery import RECOVERABLE, Recovery, Saved
+from app.realtime.recovery import Recovery, parse_offset
 from app.realtime.rooms import organization_room, user_room
 from app.realtime.server import ADDRESS_KEY
 from app.realtime.timers import Timers
@@ -75,9 +75,12 @@ class Session:
     #: the organization it connected to, then those it subscribed to
     organizations: list[str] = field(default_factory=list)
     expires_at: float | None = None
-    #: its private session id (recovery on), and the offset its history starts after
+    #: its private session id (recovery on)
     pid: str | None = None
-    head: str | None = None
+    #: the session id its pid names: what its kept organizations are found by
+    recovery_sid: str | None = None
+    #: its organizations differ from the one it connected with, and are kept for its recovery
+    kept: bool = False
 
 
 @dataclass
@@ -87,10 +90,12 @@ class Admission:
     principal: Principal
     address: str
     organizations: list[str]
-    #: (pid, old sid, offset) when its session is being recovered
-    recovering: tuple[str, str, str] | None = None
+    #: (pid, the session id it names, the client's offset) when its session may be recovered
+    recovering: tuple[str, str, int] | None = None
     #: time.monotonic() when the check began
     started: float = 0.0
+    #: the organizations kept for it differ from the one it connects with
+    kept: bool = False
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
@@ -123,13 +128,23 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
     def admission(self, environ: dict[str, Any], auth: Any, session_id: str = "-") -> Admission:
         """Check a CONNECT: who is it, may it listen, and can its session be recovered.
 
+        A CONNECT that asks for recovery (a ``pid``) is checked against the
+        database, past the auth cache: a cached "yes" never gives back a
+        session a fresh check would refuse.
+
         :raise ConnectionRefusedError: (Socket.IO's) the refusal, in wire form
         """
         address = environ.get(ADDRESS_KEY) or environ.get("REMOTE_ADDR", "-")
         started = time.monotonic()
+        recovering = self._recovery is not None and isinstance(auth, dict) and "pid" in auth
         try:
             creds = credentials.extract(auth, environ)
-            principal = self._checker.authorize(creds, address)
+            principal = self._checker.authorize(creds, address, fresh=recovering)
+            if self._fanout.cursor() is None:
+                # This worker has not read the log yet: it cannot promise what follows.
+                raise Unavailable("this worker has not reached the bus yet")
+            if self._recovery is not None and not self._recovery.ready:
+                self._recovery.load_secret()  # (the first connects of a worker only)
             if self._max_per_user and self._per_user[principal.user_id] >= self._max_per_user:
                 refusal = Refusal("too_many_sockets")
                 refusal.user_id = principal.user_id
@@ -143,38 +158,37 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             self._refused(Unavailable(), address, session_id, started)
             raise refusal_to_wire(Unavailable()) from None
         admission = Admission(principal, address, [principal.organization_id], started=started)
-        if self._recovery is not None:
+        if recovering:
             try:
-                if self._fanout.head is None:
-                    # This worker has heard no event yet: where does a new socket's
-                    # history start? (asked until it hears one or gets an answer)
-                    self._fanout.head = self._fanout.head or self._recovery.head()
-                if isinstance(auth, dict) and "pid" in auth:
-                    self._prepare_recovery(admission, auth)
+                self._prepare_recovery(admission, auth)
+            except Unavailable as exc:
+                log.info("recovery not possible now (%s): connecting as new", exc.message)
+                admission.recovering, admission.organizations = None, [principal.organization_id]
             except Exception:
-                log.exception("recovery check failed: connecting without recovery")
-                admission.recovering = None
+                log.exception("recovery check failed: connecting as new")
+                admission.recovering, admission.organizations = None, [principal.organization_id]
         return admission
 
     def _prepare_recovery(self, admission: Admission, auth: dict[str, Any]) -> None:
         assert self._recovery is not None
-        saved = self._recovery.take(auth.get("pid"))
-        if saved is None or saved.user_id != admission.principal.user_id:
-            return
-        offset = auth.get("offset")
-        offset = offset if isinstance(offset, str) and offset else saved.head
-        if offset is None:
-            return
-        # Only the organizations the user still belongs to come back.
-        for organization_id in saved.organizations:
-            if organization_id in admission.organizations or len(admission.organizations) >= self._max_subscriptions:
-                continue
-            try:
-                if self._checker.is_member(organization_id, admission.principal.user_id):
-                    admission.organizations.append(organization_id)
-            except Unavailable:
-                return  # cannot check: connect without recovery
-        admission.recovering = (auth["pid"], saved.sid, offset)
+        user_id = admission.principal.user_id
+        verified = self._recovery.verify(auth.get("pid"), user_id)
+        if verified is None:
+            return  # tampered, another user's, or from before the log lost its data: a new session
+        sid, head = verified
+        offset = parse_offset(auth.get("offset"))
+        if "offset" in auth and auth["offset"] is not None and offset is None:
+            return  # an offset this server never sent
+        kept = self._recovery.organizations(sid)
+        if kept is not None:
+            # What it subscribed to (or left); each checked again, past the cache. The one
+            # it connects with is checked already, and stays only if it had not left it.
+            others = [o for o in kept if o != admission.principal.organization_id][:self._max_subscriptions]
+            still = self._checker.still_members(others, user_id)
+            admission.organizations = [o for o in kept if o in still
+                                       or o == admission.principal.organization_id]
+            admission.kept = True
+        admission.recovering = (auth["pid"], sid, head if offset is None else offset)
 
     def _refused(self, exc: Refusal, address: str, session_id: str, started: float) -> None:
         """The one log line and count of a refused CONNECT."""
@@ -190,36 +204,41 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         """A CONNECT to a namespace orgcast does not serve (realtime/server.py answers it)."""
         self._refused(Refusal("namespace_invalid"), address, session_id, time.monotonic())
 
-    def admit(self, sid: str, admission: Admission) -> list[tuple[str, str]] | None:
-        """Admit the socket into its rooms; if it is recovering, return what it missed (None: not recovered).
+    def admit(self, sid: str, admission: Admission) -> tuple[list[tuple[int, str]], int] | None:
+        """Admit the socket into its rooms; if it is recovering, return (what it missed, floor) (None: not recovered).
 
-        While the history is read, what is published to its rooms waits for it (held).
+        While the history is read, what is published to its rooms waits for it (the gate).
         """
         principal = admission.principal
         recovering = admission.recovering
-        pid = recovering[0] if recovering is not None else (self._recovery.new_pid() if self._recovery else None)
-        self.sessions[sid] = Session(principal.user_id, admission.address, admission.organizations,
-                                     principal.expires_at, pid, self._fanout.head)
+        session = self.sessions[sid] = Session(principal.user_id, admission.address, admission.organizations,
+                                               principal.expires_at, None, sid, admission.kept)
         self._per_user[principal.user_id] += 1
         rooms = self._rooms_of(sid)
-        if recovering is not None:
-            self._fanout.hold(sid)
         for room in rooms:
             self.enter_room(sid, room)
+        through = self._fanout.hold(sid) if recovering is not None else self._fanout.cursor()
+        missed = None
+        if recovering is not None and self._recovery is not None:
+            pid, recovery_sid, offset = recovering
+            try:
+                events = self._recovery.missed(offset, through or 0, rooms)
+            except Exception as exc:
+                log.info("reading the history failed (%s): not recovered", exc)
+                events = None
+            if events is not None:
+                missed = (events, offset)
+                session.pid, session.recovery_sid = pid, recovery_sid
+            else:
+                self._demote(sid, session, principal.organization_id)
+        if session.pid is None and self._recovery is not None:
+            session.pid = self._recovery.pid_for(sid, principal.user_id, through or 0)
         if self._presence is not None:
-            for organization_id in admission.organizations:
+            for organization_id in session.organizations:
                 self._presence.entered(organization_id, principal.user_id)
         self._expiry.track(sid, principal.expires_at)
         log.debug("admitted socket %s: user %s, organization %s", sid, principal.user_id,
                   principal.organization_id)
-        missed = None
-        if recovering is not None and self._recovery is not None:
-            try:
-                missed = self._recovery.missed(recovering[2], rooms)
-            except Exception:
-                log.exception("reading the history failed: not recovered")
-            if missed is None:
-                self.sessions[sid].pid = self._recovery.new_pid()  # not recovered: a new session
         latency = round((time.monotonic() - admission.started) * 1000, 1)
         if self._observer is not None:
             self._observer.attempt("ok")
@@ -234,11 +253,20 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
                         "latency_ms": latency})
         return missed
 
-    def replay(self, sid: str, missed: list[tuple[str, str]] | None) -> None:
+    def _demote(self, sid: str, session: Session, organization_id: str) -> None:
+        """Not recovered after all: only the organization it connects with, as a new session."""
+        for other in session.organizations:
+            if other != organization_id:
+                self.leave_room(sid, organization_room(other))
+        session.organizations = [organization_id]
+        session.kept = False
+
+    def replay(self, sid: str, missed: tuple[list[tuple[int, str]], int] | None) -> None:
         """Send what a recovered socket missed, then what was held for it meanwhile."""
-        self._fanout.release(sid, missed or [])
+        events, floor = missed if missed is not None else ([], 0)
+        self._fanout.release(sid, events, floor)
         if missed is not None:
-            log.info("socket %s recovered: %d missed events", sid, len(missed))
+            log.info("socket %s recovered: %d missed events", sid, len(events))
 
     def pid_of(self, sid: str) -> str | None:
         session = self.sessions.get(sid)
@@ -264,26 +292,22 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self._per_user[session.user_id] -= 1
         if self._per_user[session.user_id] <= 0:
             del self._per_user[session.user_id]
-        if self._recovery is not None and session.pid is not None and not self._closing_all \
-                and reason in RECOVERABLE:
-            self._recovery.save([(session.pid, self._saved(sid, session))])
 
-    @staticmethod
-    def _saved(sid: str, session: Session) -> Saved:
-        return Saved(sid, session.user_id, session.organizations, session.head, time.time())
+    def kept_sessions(self) -> list[str]:
+        """The session ids whose organizations are kept for their recovery (to keep them longer)."""
+        return [s.recovery_sid for s in self.sessions.values() if s.kept and s.recovery_sid]
+
+    def _keep(self, session: Session) -> None:
+        """Keep the session's organizations for its recovery (they changed)."""
+        if self._recovery is not None and session.recovery_sid is not None:
+            session.kept = True
+            self._recovery.save(session.recovery_sid, list(session.organizations))
 
     @contextmanager
     def closing_all(self) -> Iterator[None]:
-        """A context for a worker closing every session: keep them all first, in one write.
-
-        Kept before the transports close: the clients reconnect at once, and
-        their new worker must find their sessions already there.
-        """
+        """A context for a worker closing every session to stop (presence is left to the others)."""
         self._closing_all = True
         try:
-            if self._recovery is not None:
-                self._recovery.save([(session.pid, self._saved(sid, session))
-                                     for sid, session in list(self.sessions.items()) if session.pid is not None])
             yield
         finally:
             self._closing_all = False
@@ -312,6 +336,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         session.organizations.append(organization_id)
         if self._presence is not None:
             self._presence.entered(organization_id, session.user_id)
+        self._keep(session)
         return {"ok": True, "room": room}
 
     def on_unsubscribe(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -327,6 +352,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             session.organizations.remove(organization_id)
             if self._presence is not None:
                 self._presence.left(organization_id, session.user_id)
+            self._keep(session)
         return {"ok": True, "room": room}
 
     def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:

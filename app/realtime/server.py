@@ -239,7 +239,9 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         self._pending.pop(eio_sid, None)
         if self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None and eio_sid in self.eio.sockets:
             client_log.info("closing an Engine.IO session that is not admitted to the namespace")
-            self.eio.disconnect(eio_sid)
+            # Out of the timer greenlet: the disconnect handlers run in the session's own.
+            session = self.eio.sockets[eio_sid]
+            session._later(self.eio.disconnect, eio_sid)
 
     def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         self._admitted(eio_sid)  # no longer pending, whatever it was

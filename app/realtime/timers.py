@@ -4,6 +4,11 @@ Sessions that must be admitted within ``ORGCAST_CONNECT_TIMEOUT`` (and,
 later, pings and token expiry) put a deadline here instead of starting a
 greenlet or a libev timer each: thousands of idle sockets cost one heap
 entry each and a single wake-up per ``resolution``.
+
+A callback never waits on I/O (a slow bus or database would delay every
+timer of the worker): one that must — closing a session runs its
+disconnect handlers — hands the work to a greenlet (the session's own, or
+a new one) and returns.
 """
 
 from __future__ import annotations

@@ -382,16 +382,19 @@ class WebSocket:
             while self.backlog and not self.closed:
                 wait_write(self.sock.fileno(), timeout=self.write_timeout,
                            timeout_exc=TimeoutError("peer does not read"))
-                data = self.backlog[0]
+                backlog = self.backlog
+                if self.closed or not backlog:
+                    return  # closed while waiting (the close dropped the backlog)
+                data = backlog[0]
                 try:
                     sent = self.sock._sock.send(data)
                 except BlockingIOError:
                     continue
                 self.backlog_bytes -= sent
                 if sent < len(data):
-                    self.backlog[0] = data[sent:]
+                    backlog[0] = data[sent:]
                 else:
-                    self.backlog.popleft()
+                    backlog.popleft()
         except (OSError, ValueError):  # gone, or timed out (TimeoutError is an OSError)
             self.abort()
         finally:
