@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Any:
     WebSocket.on_slow_consumer = metrics.slow_consumer
     fanout = Fanout(sio, on_forget=checker.forget_user, observer=metrics, offsets=settings.recovery)
     fanout.cursor = lambda: bus.cursor
+    fanout.first_cursor = bus.wait_for_cursor
     bus.on_entry = fanout.handle
     bus.on_lost = lambda why: sio.close_all()
 

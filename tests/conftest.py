@@ -52,7 +52,12 @@ def fresh_database() -> Iterator[ThrowawayPostgres]:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[ThrowawayPostgres]:
+    """The suite's database; orgcast's own schema is in it too, for the apps built in-process
+    (whose bus listener, which creates it, never starts). ``fresh_database`` has none."""
+    from app.bus.postgres import SCHEMA_SQL
+
     with fresh_database() as pg:
+        pg.psql(SCHEMA_SQL)
         yield pg
 
 

@@ -157,11 +157,11 @@ class Listener:
                 "reconnects": self.reconnects, "received": self.received, "dropped": self.dropped}
 
     def probe(self) -> float:
-        """Readiness: 0 when connected.
+        """Readiness: 0 when connected (or not started in this process).
 
         :raise Unavailable: the bus is not connected in this process
         """
-        if self.state != UP:
+        if self.state in (CONNECTING, DOWN):
             raise Unavailable(f"the {self.name} bus is {self.state}")
         return 0.0
 
@@ -241,6 +241,13 @@ class LogListener(Listener):
             except Exception:
                 self.dropped += 1
                 log.exception("handling a signal of the %s bus failed", self.name)
+
+    def wait_for_cursor(self, timeout: float) -> int | None:
+        """The cursor, waiting up to ``timeout`` seconds for the log's first read (a worker just started)."""
+        deadline = time.monotonic() + timeout
+        while self.cursor is None and self.state != IDLE and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        return self.cursor
 
     def caught_up(self, head: int, timeout: float) -> bool:
         """Wait until this worker has read the log through ``head``; False after ``timeout`` seconds."""

@@ -85,6 +85,8 @@ class Fanout:
         self.delivered = 0
         #: the position through which the log has been delivered here (set by the bus listener)
         self.cursor: Callable[[], int | None] = lambda: None
+        #: the same, waiting up to the given seconds for the log's first read
+        self.first_cursor: Callable[[float], int | None] = lambda timeout: self.cursor()
 
     def handle(self, message: Message) -> None:
         """Act on one entry of the log (in log order)."""

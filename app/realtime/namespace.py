@@ -118,6 +118,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self._closing_all = False
         self._max_subscriptions = max_subscriptions
         self._max_per_user = max_sockets_per_user
+        #: seconds a connect waits for a worker that just started to read the log
+        self._first_read_wait = 2.0
         self._expiry = ExpiryClock(timers, expiry_warning, self._warn_expiring, self._expired)
         #: the session of each admitted socket, by sid
         self.sessions: dict[str, Session] = {}
@@ -140,7 +142,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         try:
             creds = credentials.extract(auth, environ)
             principal = self._checker.authorize(creds, address, fresh=recovering)
-            if self._fanout.cursor() is None:
+            if self._fanout.cursor() is None and self._fanout.first_cursor(self._first_read_wait) is None:
                 # This worker has not read the log yet: it cannot promise what follows.
                 raise Unavailable("this worker has not reached the bus yet")
             if self._recovery is not None and not self._recovery.ready:
