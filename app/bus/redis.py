@@ -145,6 +145,8 @@ class RedisBus(LogListener):
         self._append = self.client.register_script(_APPEND)
         self._trim = self.client.register_script(_TRIM)
         self._reader: Any = None
+        #: appends refused since the log last took one
+        self._refused = 0
         self.signals = RedisSignals(self, url, timeout, emitter_prefix)
         self._last_cleanup = 0.0
 
@@ -161,10 +163,16 @@ class RedisBus(LogListener):
             args += ["", "[]"]
         try:
             with answered("the append"):
-                return position_of(self._append(keys=keys, args=args))
-        except Unavailable:
-            log.warning("redis did not take an entry of the log")
+                position = position_of(self._append(keys=keys, args=args))
+        except Unavailable as exc:
+            self._refused += 1
+            if self._refused == 1:  # one line an outage, not one per refused publish
+                log.warning("the redis log does not take entries: %s", exc.message)
             raise
+        if self._refused:
+            log.warning("the redis log takes entries again (%d refused meanwhile)", self._refused)
+            self._refused = 0
+        return position
 
     def head(self) -> int:
         with answered("the head"):
