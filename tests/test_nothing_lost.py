@@ -120,10 +120,11 @@ def bus_env(kind: str, postgres: ThrowawayPostgres, redis_server: Any) -> dict[s
     return env
 
 
-@pytest.mark.parametrize("kind", ["postgres", "redis"])
-def test_a_worker_killed_with_sigkill_loses_nothing(kind: str, own_postgres: ThrowawayPostgres, redis_server: Any,
-                                                    tmp_path: Path, js_client: Any) -> None:
-    server = start_gunicorn(bus_env(kind, own_postgres, redis_server), tmp_path)
+@pytest.mark.parametrize(("kind", "workers"), [("postgres", 2), ("redis", 2), ("postgres", 4)])
+def test_a_worker_killed_with_sigkill_loses_nothing(kind: str, workers: int, own_postgres: ThrowawayPostgres,
+                                                    redis_server: Any, tmp_path: Path, js_client: Any) -> None:
+    server = start_gunicorn({**bus_env(kind, own_postgres, redis_server), "WEB_CONCURRENCY": str(workers)},
+                            tmp_path)
     try:
         client = js_client(server.url, auth=BOB, **RECONNECT)
         first = client.next("connect")
@@ -286,5 +287,24 @@ def test_a_subscription_comes_back_after_a_kill_and_one_lost_meanwhile_does_not(
         while (line := client.next("event", timeout=10))["name"] != "marker":
             got.append(event_data(line)[0])
         assert got == ["org-a", "org-b"]
+    finally:
+        server.stop()
+
+
+def test_a_member_removed_while_away_is_refused_despite_the_auth_cache(own_postgres: ThrowawayPostgres,
+                                                                       tmp_path: Path, js_client: Any) -> None:
+    """A recovering connect asks the database, not the cache: the cached "yes" of a minute
+    ago does not give the session back to a user who was removed meanwhile."""
+    server = start_gunicorn(base_env(own_postgres, ORGCAST_AUTH_CACHE_TTL="60"), tmp_path)
+    try:
+        user, token = new_user(own_postgres, 3600, ("org-a",))
+        slow = {**RECONNECT, "reconnectionDelay": 1000, "reconnectionDelayMax": 1000}
+        client = js_client(server.url, auth={"token": token, "organizationId": "org-a"}, **slow)
+        client.next("connect")
+        client.command("drop")
+        client.next("disconnect")
+        own_postgres.psql(f"DELETE FROM organization_users WHERE user_id = '{user}'")
+        refused = client.next("connect_error", "connect", timeout=10)
+        assert refused["type"] == "connect_error" and refused["data"] == {"code": "forbidden"}
     finally:
         server.stop()
