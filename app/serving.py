@@ -48,6 +48,8 @@ from app.realtime.websocket import (
 )
 
 log = logging.getLogger("app.serving")
+#: lines a client can cause: rate-limited by app/log.py
+client_errors = logging.getLogger("app.client")
 
 #: what gunicorn's access log reads of a request that became a WebSocket
 _ACCESS_LOG_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "REQUEST_METHOD", "RAW_URI", "PATH_INFO", "QUERY_STRING",
@@ -130,20 +132,37 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
     #: set from ORGCAST_BODY_TIMEOUT when the worker starts
     body_timeout: float = 10.0
 
+    _header_timer: Any = None
+
     def handle_one_request(self) -> Any:
         # gevent's pywsgi waits for a request line and headers for ever: a
         # client that opens connections and sends nothing (or a byte a
-        # minute) would hold worker_connections slots. Bound that wait, and
-        # the idle time of a kept-alive connection; read_request lifts it
-        # once the headers are in, so long-polls and WebSockets run without it.
+        # minute) would hold worker_connections slots. Bound that wait as a
+        # whole (a gevent Timeout raising TimeoutError in the read, which
+        # pywsgi handles as a client error; the socket timeout alone bounds only
+        # the gap between two reads, and a byte every few seconds never met it:
+        # issue 17), and the idle time of a kept-alive connection; read_request
+        # lifts both once the headers are in, so long-polls and WebSockets run
+        # without them.
         if self.socket is not None:
             self.socket.settimeout(self.header_timeout)
-        return super().handle_one_request()
+            self._header_timer = gevent.Timeout(self.header_timeout, TimeoutError("request headers too slow"))
+            self._header_timer.start()
+        try:
+            return super().handle_one_request()
+        finally:
+            self._stop_header_timer()
 
     def read_request(self, raw_requestline: str) -> Any:
         result = super().read_request(raw_requestline)
+        self._stop_header_timer()
         self.socket.settimeout(None)
         return result
+
+    def _stop_header_timer(self) -> None:
+        timer, self._header_timer = self._header_timer, None
+        if timer is not None:
+            timer.close()
 
     def handle_one_response(self) -> None:
         # A body must arrive within ORGCAST_BODY_TIMEOUT in all (a client
@@ -303,9 +322,10 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
             message = msg % args if args else msg
         except Exception:
             message = msg
-        # Through gunicorn's error log (redacted, in the configured format)
-        # rather than gevent's raw write to stderr.
-        self.server.log.warning("%s", redact(str(message)))
+        # Through orgcast's log of what clients cause: redacted, in the configured
+        # format, and capped like every line a client's garbage makes (issue 17:
+        # 2,000 malformed requests were 2,000 uncapped warnings).
+        client_errors.warning("%s", redact(str(message)))
 
 
 def _print_exception(context: Any, type_: Any, value: Any, tb: Any) -> None:

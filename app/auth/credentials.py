@@ -139,7 +139,22 @@ def extract(auth: Any, environ: Mapping[str, Any]) -> Credentials:
         raise Refusal("organization_missing")
     if not is_valid_organization_id(organization_id):
         raise Refusal("organization_invalid")
-    if not token or len(token) > _MAX_TOKEN:
-        # Not a string, or longer than any real token: do not ask the database.
+    if not is_plausible_token(token):
+        # Not a string, longer than any real token, or text no database column holds: do not ask.
         raise Refusal("token_invalid")
     return Credentials(token=token, organization_id=organization_id)
+
+
+def is_plausible_token(token: Any) -> bool:
+    """Tell whether ``token`` could be a stored token: a string of 1-4096 characters, no NUL, valid UTF-8.
+
+    (Postgres refuses NUL and lone surrogates in text: the lookup would fail
+    as if the database were down, and the client be told to retry.)
+    """
+    if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN or "\x00" in token:
+        return False
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -60,7 +60,14 @@ def encode_args(args: Sequence[Any]) -> str:
     :raise ApiError: bad_request (not JSON: nested too deeply, NaN, bytes)
     """
     try:
-        return json.dumps(list(args), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(list(args), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate ("\ud800" in the body): valid JSON, not UTF-8. Escaped, the
+            # client parses the same value (issue 17: it was a 500 and a traceback).
+            text = json.dumps(list(args), separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return text
     except (ValueError, TypeError, RecursionError):
         raise ApiError("bad_request", "The data cannot be sent as JSON.") from None
 

@@ -169,10 +169,25 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 
     # --- sending
 
+    #: bytes queued for a polling client that has not fetched them yet
+    queued_bytes = 0
+
     def send(self, pkt: eio_packet.Packet) -> None:
-        """Send a packet: straight to the WebSocket, or into the polling queue."""
+        """Send a packet: straight to the WebSocket, or into the polling queue (bounded)."""
         ws = self.ws
         if ws is None or self.upgrading:
+            if self.closed or self.closing:
+                return
+            self.queued_bytes += _size(pkt)
+            if self.queued_bytes > WebSocket.max_buffer:
+                # The bound of a WebSocket's send buffer, for polling too: a client that
+                # answers pings and never fetches would hold every event (issue 17).
+                log.warning("closing a polling session that does not fetch: %d bytes queued", self.queued_bytes)
+                if WebSocket.on_slow_consumer is not None:
+                    WebSocket.on_slow_consumer()
+                self.closing = True
+                self._later(self._slow_close)
+                return
             super().send(pkt)
             return
         if self.closed:
@@ -194,9 +209,14 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         self.polling_now = True
         try:
             packets: list[eio_packet.Packet] = super().poll()
+            self.queued_bytes = max(0, self.queued_bytes - sum(_size(p) for p in packets))
             return packets
         finally:
             self.polling_now = False
+
+    def _slow_close(self) -> None:
+        self.closing = False
+        self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
     def handle_post_request(self, environ: dict[str, Any]) -> None:
         """Receive the packets of a polling POST.
@@ -278,6 +298,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         # Nothing is queued for a WebSocket session any more (a gevent
         # JoinableQueue is 3.7 KiB an idle socket would keep).
         self.queue = NO_QUEUE
+        self.queued_bytes = 0
         if ws.adopt(self._ws_message):
             return  # this request's greenlet ends; the socket's watcher reads from now on
         while not self.closed:
@@ -524,6 +545,12 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
             socket = self.sockets.pop(one, None)
             if socket is not None:
                 socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+
+
+def _size(pkt: eio_packet.Packet) -> int:
+    """About the bytes a packet takes on the wire."""
+    data = pkt.data
+    return len(data) + 1 if isinstance(data, str | bytes) else 64
 
 
 def _protocol_message(exc: ProtocolViolation) -> str:

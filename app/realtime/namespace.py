@@ -43,6 +43,8 @@ from app.realtime.timers import Timers
 
 log = logging.getLogger(__name__)
 
+SLOW_DOWN = "Too many subscribe or refresh requests from this socket; slow down."
+
 
 class Observer(Protocol):
     """Told of every connect attempt and socket (the metrics implement it)."""
@@ -81,6 +83,9 @@ class Session:
     recovery_sid: str | None = None
     #: its organizations differ from the one it connected with, and are kept for its recovery
     kept: bool = False
+    #: the requests it may still make at once (subscribe, refresh), and when that was counted
+    budget: float = 10.0
+    budget_at: float = 0.0
 
 
 @dataclass
@@ -316,6 +321,19 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
 
     # --- client events
 
+    #: subscribe and refresh requests a socket may make at once, and how many come back a second
+    BURST, REFILL = 10.0, 1.0
+
+    def _allowed(self, session: Session) -> bool:
+        """Take one request from the socket's budget (issue 17: a refresh flood, one query each)."""
+        now = time.monotonic()
+        session.budget = min(self.BURST, session.budget + (now - session.budget_at) * self.REFILL)
+        session.budget_at = now
+        if session.budget < 1:
+            return False
+        session.budget -= 1
+        return True
+
     def on_subscribe(self, sid: str, *args: Any) -> dict[str, Any]:
         session, data = self.sessions.get(sid), args[0] if args else None
         if session is None or not isinstance(data, dict):
@@ -326,6 +344,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         room = organization_room(organization_id)
         if organization_id in session.organizations:
             return {"ok": True, "room": room}
+        if not self._allowed(session):
+            return ack_error("rate_limited", SLOW_DOWN)
         if len(session.organizations) >= self._max_subscriptions:
             return ack_error("too_many_subscriptions")
         try:
@@ -366,6 +386,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             return ack_error("token_missing")
         if not isinstance(token, str):
             return ack_error("token_invalid")
+        if not self._allowed(session):
+            return ack_error("rate_limited", SLOW_DOWN)
         organization_id = session.organizations[0] if session.organizations else ""
         try:
             expires_at = self._checker.refresh(token, session.user_id, organization_id or "-", session.address)
