@@ -175,8 +175,8 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
     def send(self, pkt: eio_packet.Packet) -> None:
         """Send a packet: straight to the WebSocket, or into the polling queue (bounded)."""
         ws = self.ws
-        if ws is None or self.upgrading:
-            if self.closed or self.closing:
+        if ws is None or self.upgrading:  # type: ignore[has-type]
+            if self.closed or self.closing:  # type: ignore[has-type]
                 return
             self.queued_bytes += _size(pkt)
             if self.queued_bytes > WebSocket.max_buffer:
