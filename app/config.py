@@ -1,6 +1,8 @@
 """Settings: read once from the environment, typed, frozen, validated.
 
-This is the only module that reads ``os.environ`` (through ``load_settings``).
+Every orgcast setting is read here (``load_settings``); the only other
+environment variable read is prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``,
+which gunicorn.conf.py sets for the workers (``metrics.multiprocess_dir``).
 Each field declares its variable name, default and one-line doc in its
 metadata; the README's configuration table is generated from (and tested
 against) these declarations, the way gunicorn builds its settings doc.

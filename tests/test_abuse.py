@@ -123,3 +123,50 @@ def test_metrics_are_denied_behind_the_readme_nginx(server: Server, tmp_path: Pa
         assert requests.get(f"{server.url}/metrics", timeout=5).status_code == 200
     finally:
         nginx.stop()
+
+
+def test_two_subscribes_at_once_add_the_organization_once(postgres: Any, gunicorn_factory: Any) -> None:
+    """A socket's events are handled one after the other (issue 18): two subscribes sent
+    together cannot both add it, so a third organization still fits in the limit."""
+    import socketio
+    from test_lifecycle import new_user
+
+    server = gunicorn_factory(base_env(postgres, ORGCAST_MAX_SUBSCRIPTIONS="3"))
+    _, token = new_user(postgres, 3600, ("org-a", "org-b", "org-c"))
+    client = socketio.Client(reconnection=False)
+    client.connect(server.url, auth={"token": token, "organizationId": "org-a"}, transports=["websocket"],
+                   wait_timeout=10)
+    try:
+        import threading
+
+        acks: list[Any] = []
+        done = threading.Event()
+
+        def on_ack(answer: Any) -> None:
+            acks.append(answer)
+            if len(acks) == 2:
+                done.set()
+
+        for _ in range(2):
+            client.emit("subscribe", {"organizationId": "org-b"}, callback=on_ack)
+        assert done.wait(10)
+        assert [a["ok"] for a in acks] == [True, True]
+        assert client.call("subscribe", {"organizationId": "org-c"}, timeout=10)["ok"] is True
+    finally:
+        client.disconnect()
+
+
+def test_an_oversized_publish_behind_nginx_gets_orgcast_s_413(postgres: Any, gunicorn_factory: Any,
+                                                              tmp_path: Path) -> None:
+    from test_nginx import start_nginx
+
+    server = gunicorn_factory(base_env(postgres, ORGCAST_MAX_PAYLOAD="2000"))
+    nginx = start_nginx(tmp_path / "nginx", server.port)
+    try:
+        for _ in range(5):
+            reply = requests.post(f"{nginx.url}/api/v1/organizations/org-a/events",
+                                  data=json.dumps({"event": "news", "data": "x" * 200_000}),
+                                  headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+            assert reply.status_code == 413 and reply.json()["error"]["code"] == "payload_too_large"
+    finally:
+        nginx.stop()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.auth.credentials import Credentials, TokenRow, is_plausible_token
-from app.errors import Refusal
+from app.errors import Refusal, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class Waiter(Protocol):
     def set(self, value: Any) -> None: ...
     def set_exception(self, exc: BaseException) -> None: ...
     def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
+    def wait(self, timeout: float | None = None) -> Any: ...
+    def ready(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,12 @@ class AuthChecker:
         if pending is not None:
             self.coalesced += 1
             by[0] = "coalesced"
-            principal: Principal = pending.get(timeout=self._wait_timeout)
+            # wait() returns at the timeout instead of raising gevent's Timeout, which is
+            # no Exception and escaped the connect check (issue 18).
+            pending.wait(self._wait_timeout)
+            if not pending.ready():
+                raise Unavailable("the lookup this one waited for did not answer in time")
+            principal: Principal = pending.get(block=False)
             return principal
         waiter = self._new_waiter() if self._new_waiter is not None else None
         if waiter is not None:

@@ -1,8 +1,10 @@
-"""The HTTP edge: blueprints, and the one place errors become JSON.
+"""The HTTP edge: blueprints, and Flask's JSON error handlers.
 
-Every error a route can give, werkzeug's 404/405/413 included, leaves as
-``{"error": {"code": ..., "message": ...}}`` with the status of
-``errors.API_ERRORS``.
+Every error a Flask route can give, werkzeug's 404/405/413 included, leaves
+as ``{"error": {"code": ..., "message": ...}}`` with the status of
+``errors.API_ERRORS``; the server API (``api.py``), Engine.IO
+(``realtime/engine.py``) and the worker (``serving.py``) build the same body
+with ``errors.http_error``.
 """
 
 from __future__ import annotations

@@ -23,14 +23,10 @@ from app import process
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
 from app.bus.envelope import Entry, Kick, Publication
 from app.errors import ApiError
-from app.realtime.rooms import USER_PREFIX, is_valid_room, organization_room, user_room
+from app.realtime.rooms import RESERVED_EVENTS, USER_PREFIX, is_valid_room, organization_room, user_room
 
 log = logging.getLogger(__name__)
 
-#: Event names Socket.IO clients reserve for themselves (README, "Publishing over HTTP").
-RESERVED_EVENTS = frozenset(
-    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
-)
 
 
 class Log(Protocol):

@@ -239,7 +239,23 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
         except UnicodeDecodeError:
             raise ProtocolViolation("payload is not UTF-8") from None
         for pkt in decode_payload(body):
+            self._check_receivable(pkt)
+            # In the session's greenlet, after what is already waiting: two POSTs at once
+            # (two CONNECTs) raced each other into a 500 (issue 18).
+            self._later(self._receive_in_order, pkt)
+
+    def _check_receivable(self, pkt: eio_packet.Packet) -> None:
+        if pkt.packet_type in (eio_packet.PING, eio_packet.UPGRADE) and not self.upgrading:
+            raise ProtocolViolation(f"unexpected packet type {pkt.packet_type}")
+
+    def _receive_in_order(self, pkt: eio_packet.Packet) -> None:
+        if self.closed:
+            return
+        try:
             self.receive(pkt)
+        except ProtocolViolation as exc:
+            log.info("closing Engine.IO session: %s", exc)
+            self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
     def receive(self, pkt: eio_packet.Packet) -> None:
         if pkt.packet_type == eio_packet.MESSAGE or pkt.packet_type in (

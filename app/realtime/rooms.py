@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
 
+#: event names Socket.IO reserves (socket.io-parser's RESERVED_EVENTS): no client sends them, none is published
+RESERVED_EVENTS = frozenset(
+    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
+)
+
 ORGANIZATION_PREFIX = "organization."
 USER_PREFIX = "user."
 

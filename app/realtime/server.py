@@ -37,15 +37,12 @@ from app.auth.credentials import Network, client_address, parse_networks
 from app.config import Settings
 from app.errors import API_ERRORS, connect_error, error_body, status_line
 from app.realtime.engine import EngineServer
+from app.realtime.rooms import RESERVED_EVENTS
 from app.realtime.timers import Timer, Timers
 
 SOCKETIO_PATH = "socket.io"
 NAMESPACE = "/"
 
-#: event names a client may not send (socket.io-parser's RESERVED_EVENTS)
-RESERVED_EVENTS = frozenset(
-    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
-)
 #: most binary attachments one packet may announce
 MAX_ATTACHMENTS = 10
 #: seconds a disconnected client has to close its connection itself
@@ -193,6 +190,8 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         self._pending: dict[str, Timer] = {}
         #: binary attachments still expected, by Engine.IO session
         self._attachments: dict[str, int] = {}
+        #: X-Forwarded-For came from a peer that is not a trusted proxy (warned once; /admin shows it)
+        self.untrusted_forwarding = False
 
     def _engineio_server_class(self) -> type[EngineServer]:
         return EngineServer
@@ -202,6 +201,13 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
     def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
         """Open a session, unless its address holds too many that are not admitted (429)."""
         address = client_address(environ, self._trusted)
+        if not self.untrusted_forwarding and environ.get("HTTP_X_FORWARDED_FOR") and address == environ.get(
+                "REMOTE_ADDR"):
+            # Behind a proxy that is not trusted every client is one address, and the
+            # per-address limits apply to all of them at once (issue 18): say so, once.
+            self.untrusted_forwarding = True
+            log.warning("X-Forwarded-For arrives from %s, which is not in ORGCAST_TRUSTED_PROXIES: every client "
+                        "behind it counts as that one address; list the proxy there", address)
         if self._max_pending and self._pending_per_address[address] >= self._max_pending:
             client_log.info("refused an Engine.IO session of %s: %d not admitted yet", address,
                             self._pending_per_address[address])
@@ -379,6 +385,9 @@ def build_server(settings: Settings, client_manager: socketio.Manager | None, ti
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
         always_connect=False,
+        # A client's events run in order, in its session's greenlet (engine.py), not one
+        # greenlet each: two subscribes at once raced (issue 18).
+        async_handlers=False,
         # Loggers, not False: given False, python-socketio and python-engineio
         # each add a plain stderr handler of their own, which bypasses
         # redaction (app/log.py configures these two).
