@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.realtime.namespace import OrgcastNamespace
     from app.realtime.presence import Presence
     from app.realtime.recovery import Recovery
+    from app.realtime.revalidate import Revalidator
     from app.realtime.server import RoomsManager, build_server, build_wsgi
     from app.realtime.stats import WorkerStats, summarize
     from app.realtime.timers import Timers
@@ -120,6 +121,13 @@ def create_app(settings: Settings | None = None) -> Any:
     sessions = namespace.sessions
     sio.register_namespace(namespace)
 
+    def revoke(organization_id: str, user_id: str, code: str) -> None:
+        checker.forget_membership(organization_id, user_id)
+        namespace.revoke(organization_id, user_id, code)
+
+    fanout.on_revoke = revoke
+    revalidator = Revalidator(checker, namespace, settings.revalidate_interval, observer=metrics.revalidated)
+
     worker_stats = WorkerStats(
         peer=cluster.peer, sockets=lambda: len(namespace.sessions), organizations=fanout.organization_sizes,
         bus=bus.stats, auth=lambda: {"cached": checker.cached}, tally=metrics.tally)
@@ -129,10 +137,11 @@ def create_app(settings: Settings | None = None) -> Any:
         answers = cluster.ask("stats")
         return summarize(answers.by_peer, answers.partial, answers.latency_ms)
 
-    runtime.starters += [bus.start, cluster.start, worker_stats.start, presence.start,
+    runtime.starters += [bus.start, cluster.start, worker_stats.start, presence.start, revalidator.start,
                          # the INFO lines of one loop turn in one write (app/log.py)
                          lambda: log.batching(gevent.get_hub().loop.run_callback)]
-    runtime.stoppers += [presence.stop, worker_stats.stop, cluster.stop, bus.stop, lambda: log.batching(None)]
+    runtime.stoppers += [revalidator.stop, presence.stop, worker_stats.stop, cluster.stop, bus.stop,
+                         lambda: log.batching(None)]
     if recovery is not None:
         keeper = _Keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2)
         runtime.starters.append(keeper.start)

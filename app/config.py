@@ -304,6 +304,11 @@ class Settings:
         "seconds before a token's `expires` that its sockets receive `session_expiring` (half the token's "
         "remaining life when that is shorter)",
         _non_neg_float)
+    revalidate_interval: float = setting(
+        "ORGCAST_REVALIDATE_INTERVAL", "60",
+        "seconds between re-checks of the connected sockets' tokens and memberships against the database, in "
+        "batches (`revoked`, then out of the room or disconnected); 0 turns it off",
+        _non_neg_float)
     max_subscriptions: int = setting(
         "ORGCAST_MAX_SUBSCRIPTIONS", "50",
         "organization rooms one socket may be in (its own included); `subscribe` beyond is refused "

@@ -87,6 +87,12 @@ class Metrics:
                            multiprocess_mode="livemostrecent", **kw)
         self.check_up = Gauge("orgcast_check_up", "1 when this readiness check passed, at the last scrape or "
                               "/readyz.", ["check"], multiprocess_mode="livemostrecent", **kw)
+        self.sockets_revoked = Counter("orgcast_sockets_revoked", "Sockets whose rights were taken back while "
+                                       "connected, by reason (forbidden: a membership; token_invalid, "
+                                       "token_expired: the token).", ["reason"], **kw)
+        self.revalidation_seconds = Histogram("orgcast_revalidation_duration_seconds", "Time one re-check of this "
+                                              "worker's sockets took (its batches, spread over the interval).",
+                                              buckets=(0.01, 0.1, 1, 5, 15, 30, 60, 120, 300), **kw)
         self.api_refused = Counter("orgcast_api_refused", "Server API requests refused, by code (unavailable: "
                                    "the log did not take the event, 503).", ["code"], **kw)
         self.source_dropped = Counter("orgcast_source_messages_dropped", "Messages of pg_notify or an emitter "
@@ -107,6 +113,8 @@ class Metrics:
             self.recoveries.labels(result)
         for code in sorted(API_ERRORS):
             self.api_refused.labels(code)
+        for reason in ("forbidden", "token_invalid", "token_expired"):
+            self.sockets_revoked.labels(reason)
 
     def buses(self, *names: str) -> None:
         """Create the series of the bus backends this process listens to."""
@@ -142,6 +150,14 @@ class Metrics:
 
     def socket_closed(self) -> None:
         self.sockets.dec()
+
+    def revoked(self, reason: str, count: int = 1) -> None:
+        known = reason if reason in ("forbidden", "token_invalid", "token_expired") else "forbidden"
+        self.sockets_revoked.labels(known).inc(count)
+        self.tally["revoked"] += count
+
+    def revalidated(self, seconds: float) -> None:
+        self.revalidation_seconds.observe(seconds)
 
     def recovery(self, recovered: bool) -> None:
         self.recoveries.labels("recovered" if recovered else "not_recovered").inc()

@@ -40,6 +40,8 @@ COUNTED = frozenset({"token_invalid", "token_expired", "forbidden", "token_misma
 class Store(Protocol):
     def lookup(self, token: str, organization_id: str) -> TokenRow | None: ...
     def is_member(self, organization_id: str, user_id: str) -> bool: ...
+    def tokens(self, tokens: list[str]) -> dict[str, tuple[str, bool]]: ...
+    def members(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]: ...
 
 
 class Limiter(Protocol):
@@ -239,6 +241,26 @@ class AuthChecker:
         if row.member:
             self._remember(_cache_key(organization_id, token), Principal(user_id, organization_id, expires_at), now)
         return expires_at
+
+    def tokens_now(self, tokens: list[str]) -> dict[str, tuple[str, bool]]:
+        """(user_id, active) of each of ``tokens`` that exists, asked of the database now (in one batch).
+
+        :raise Unavailable: the database did not answer in time
+        """
+        return self._store.tokens(tokens)
+
+    def members_now(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (organization, user) pairs that are memberships now (in one batch).
+
+        :raise Unavailable: the database did not answer in time
+        """
+        return self._store.members(pairs)
+
+    def forget_membership(self, organization_id: str, user_id: str) -> None:
+        """Drop cached acceptances of the user into the organization (a revocation)."""
+        for key in [k for k, (p, _) in self._cache.items()
+                    if p.user_id == user_id and p.organization_id == organization_id]:
+            del self._cache[key]
 
     def forget_user(self, user_id: str) -> None:
         """Drop cached acceptances of a user (it was kicked or logged out)."""

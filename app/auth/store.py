@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 class Database(Protocol):
     def fetch_one(self, sql: str, params: dict[str, Any],
                   timeout: float | None = None) -> tuple[Any, ...] | None: ...
+    def fetch_all(self, sql: str, params: dict[str, Any],
+                  timeout: float | None = None) -> list[tuple[Any, ...]]: ...
 
 
 class AuthStore:
@@ -50,6 +52,17 @@ class AuthStore:
             f"EXISTS ({membership_of_token}) "
             "FROM orgcast_token t LIMIT 1"
         )
+        # The batch forms of the re-check while connected (README, "Rights re-checked"): the
+        # same configured SQL, its parameters bound to each row of an unnest.
+        self._batch = self._batch_members = True
+        self._tokens_sql = (
+            "SELECT q.token, r.user_id::text, r.active FROM unnest(%(tokens)s::text[]) AS q(token) "
+            f"LEFT JOIN LATERAL ({token_sql.replace('%(token)s', 'q.token')} LIMIT 1) r ON true"
+        )
+        self._members_sql = (
+            "SELECT q.o, q.u FROM unnest(%(orgs)s::text[], %(users)s::text[]) AS q(o, u) WHERE EXISTS ("
+            + membership_sql.replace("%(organization_id)s", "q.o").replace("%(user_id)s", "q.u") + ")"
+        )
 
     def lookup(self, token: str, organization_id: str) -> TokenRow | None:
         """Return the token's row with its membership in the organization, or None.
@@ -74,6 +87,48 @@ class AuthStore:
         user_id, active, expires_in = row
         return TokenRow(str(user_id), bool(active), expires_in,
                         self.is_member(organization_id, str(user_id)))
+
+    def tokens(self, tokens: list[str]) -> dict[str, tuple[str, bool]]:
+        """(user_id, active) of each token that exists, in one round trip (the re-check while connected).
+
+        The configured token SQL runs once per token inside one statement
+        (``LATERAL``), its ``%(token)s`` bound to each; if it does not fit
+        there, each token is looked up on its own.
+
+        :raise Unavailable: the database did not answer in time
+        """
+        if not tokens:
+            return {}
+        if self._batch:
+            try:
+                rows = self._db.fetch_all(self._tokens_sql, {"tokens": tokens})
+                return {str(t): (str(u), bool(a)) for t, u, a in rows if u is not None}
+            except QueryError as exc:
+                log.warning("the token SQL does not run for many tokens at once (%s); one query each", exc.detail)
+                self._batch = False
+        found = {}
+        for token in tokens:
+            row = self._db.fetch_one(self._token_sql, {"token": token, "organization_id": ""})
+            if row is not None and row[0] is not None:
+                found[token] = (str(row[0]), bool(row[1]))
+        return found
+
+    def members(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (organization, user) pairs of ``pairs`` that are memberships, in one round trip.
+
+        :raise Unavailable: the database did not answer in time
+        """
+        if not pairs:
+            return set()
+        if self._batch_members:
+            try:
+                rows = self._db.fetch_all(self._members_sql, {"orgs": [o for o, _ in pairs],
+                                                              "users": [u for _, u in pairs]})
+                return {(str(o), str(u)) for o, u in rows}
+            except QueryError as exc:
+                log.warning("the membership SQL does not run for many pairs at once (%s); one query each", exc.detail)
+                self._batch_members = False
+        return {(o, u) for o, u in pairs if self.is_member(o, u)}
 
     def is_member(self, organization_id: str, user_id: str) -> bool:
         """Tell whether the user belongs to the organization.

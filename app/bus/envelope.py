@@ -58,6 +58,16 @@ class Kick:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """The user is no longer a member of the organization: its sockets leave the room, caches forget."""
+
+    organization_id: str
+    user_id: str
+    #: why: forbidden (the membership is gone)
+    code: str = "forbidden"
+
+
+@dataclass(frozen=True)
 class Hello:
     """A worker is alive (sent every few seconds), or leaving (``bye``); ``reply``: answer with yours."""
 
@@ -86,7 +96,7 @@ class Answer:
     data: Any = None
 
 
-Entry = Publication | Kick
+Entry = Publication | Kick | Revoke
 Signal = Hello | Ask | Answer
 Message = Entry | Signal
 
@@ -110,6 +120,9 @@ def encode(message: Message) -> str:
             body["except"] = list(message.except_rooms)
         if message.forget:
             body["forget"] = list(message.forget)
+    elif isinstance(message, Revoke):
+        body = {"v": VERSION, "k": "revoke", "rooms": [], "org": message.organization_id, "user": message.user_id,
+                "code": message.code}
     elif isinstance(message, Hello):
         body = {"v": VERSION, "k": "hello", "rooms": [], "peer": message.peer}
         if message.bye:
@@ -166,6 +179,8 @@ def decode(text: str | bytes) -> Message:
         return Publication(rooms, args, except_rooms, 0, str(body.get("src", ""))[:32], str(body.get("id", ""))[:80])
     if kind == "kick":
         return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
+    if kind == "revoke":
+        return Revoke(_string(body, "org"), _string(body, "user"), str(body.get("code", "forbidden"))[:32])
     if kind == "hello":
         return Hello(_string(body, "peer"), bool(body.get("bye")), bool(body.get("reply")))
     if kind == "ask":

@@ -33,6 +33,7 @@ MAX_BATCH = 1000
 _ORGANIZATION_EVENTS = re.compile(r"organizations/([^/]+)/events")
 _USER_EVENTS = re.compile(r"users/([^/]+)/events")
 _USER_DISCONNECT = re.compile(r"users/([^/]+)/disconnect")
+_REVOKE = re.compile(r"organizations/([^/]+)/users/([^/]+)/revoke")
 _ORGANIZATION_PRESENCE = re.compile(r"organizations/([^/]+)/presence")
 _USER_PRESENCE = re.compile(r"users/([^/]+)/presence")
 #: a request id a client (or nginx's $request_id) may give in X-Request-Id
@@ -66,6 +67,7 @@ class ServerApi:
             (_ORGANIZATION_EVENTS, "POST", self._publish_to_organization, 202),
             (_USER_EVENTS, "POST", self._publish_to_user, 202),
             (_USER_DISCONNECT, "POST", self._disconnect_user, 202),
+            (_REVOKE, "POST", self._revoke, 202),
             (re.compile("events"), "POST", self._publish_batch, 202),
             (_ORGANIZATION_PRESENCE, "GET", self._organization_presence, 200),
             (_USER_PRESENCE, "GET", self._user_presence, 200),
@@ -88,7 +90,7 @@ class ServerApi:
             tag = [("X-Request-Id", request_id)]
             try:
                 check_api_key(environ.get("HTTP_AUTHORIZATION", ""), self._keys)
-                ident = _path_text(match.group(1)) if match.groups() else ""
+                ident = "/".join(_path_text(g) for g in match.groups()) if match.groups() else ""
                 return _respond(start_response, success, handler(environ, ident), tag)
             except (ApiError, Unavailable) as exc:
                 status = exc.status if isinstance(exc, ApiError) else 503
@@ -115,6 +117,11 @@ class ServerApi:
     def _disconnect_user(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
         room = self._publisher.disconnect_user(user_id, f"{SOURCE} [{environ['orgcast.request_id']}]")
         return {"status": "accepted", "room": room}
+
+    def _revoke(self, environ: dict[str, Any], ids: str) -> dict[str, Any]:
+        organization_id, _, user_id = ids.partition("/")
+        room = self._publisher.revoke(organization_id, user_id, f"{SOURCE} [{environ['orgcast.request_id']}]")
+        return {"status": "accepted", "room": room, "userId": user_id}
 
     def _organization_presence(self, environ: dict[str, Any], organization_id: str) -> dict[str, Any]:
         self._publisher.organization_room(organization_id)  # invalid_organization

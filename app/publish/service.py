@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from app import process
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
-from app.bus.envelope import Entry, Kick, Publication
+from app.bus.envelope import Entry, Kick, Publication, Revoke
 from app.errors import ApiError
 from app.realtime.rooms import RESERVED_EVENTS, USER_PREFIX, is_valid_room, organization_room, user_room
 
@@ -206,6 +206,18 @@ class Publisher:
         users = tuple(r[len(USER_PREFIX):] for r in valid if r.startswith(USER_PREFIX))
         self._log.append(Kick(valid, excluded, users))
         log.info("%s: disconnect the sockets of %d rooms", source, len(valid))
+
+    def revoke(self, organization_id: str, user_id: str, source: str) -> str:
+        """Take the user's sockets out of the organization everywhere, and forget its cached acceptances.
+
+        :raise ApiError: invalid_organization, invalid_user
+        :raise Unavailable: the log did not take it
+        """
+        room = self.organization_room(organization_id)
+        self.user_room(user_id)
+        self._log.append(Revoke(organization_id, user_id))
+        log.info("%s: revoke user %s in organization %s", source, user_id, organization_id)
+        return room
 
     # --- ids
 

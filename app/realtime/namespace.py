@@ -53,6 +53,7 @@ class Observer(Protocol):
     def socket_opened(self) -> None: ...
     def socket_closed(self) -> None: ...
     def recovery(self, recovered: bool) -> None: ...
+    def revoked(self, reason: str, count: int = 1) -> None: ...
 
 
 class PresenceHooks(Protocol):
@@ -83,6 +84,8 @@ class Session:
     recovery_sid: str | None = None
     #: its organizations differ from the one it connected with, and are kept for its recovery
     kept: bool = False
+    #: its token (in memory only: the re-check while connected asks the database with it)
+    token: str = ""
     #: the requests it may still make at once (subscribe, refresh), and when that was counted
     budget: float = 10.0
     budget_at: float = 0.0
@@ -95,6 +98,7 @@ class Admission:
     principal: Principal
     address: str
     organizations: list[str]
+    token: str = ""
     #: (pid, the session id it names, the client's offset) when its session may be recovered
     recovering: tuple[str, str, int] | None = None
     #: time.monotonic() when the check began
@@ -164,7 +168,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             log.exception("connect check failed")
             self._refused(Unavailable(), address, session_id, started)
             raise refusal_to_wire(Unavailable()) from None
-        admission = Admission(principal, address, [principal.organization_id], started=started)
+        admission = Admission(principal, address, [principal.organization_id], creds.token, started=started)
         if recovering:
             try:
                 self._prepare_recovery(admission, auth)
@@ -219,7 +223,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         principal = admission.principal
         recovering = admission.recovering
         session = self.sessions[sid] = Session(principal.user_id, admission.address, admission.organizations,
-                                               principal.expires_at, None, sid, admission.kept)
+                                               principal.expires_at, None, sid, admission.kept, admission.token)
         self._per_user[principal.user_id] += 1
         rooms = self._rooms_of(sid)
         for room in rooms:
@@ -395,8 +399,53 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             return ack_error(exc.code, exc.message)
         if self.sessions.get(sid) is session:
             session.expires_at = expires_at
+            session.token = token
             self._expiry.track(sid, expires_at)
         return {"ok": True, "expiresAt": iso_utc(expires_at) if expires_at is not None else None}
+
+    # --- rights taken back while connected (README, "Rights re-checked while connected")
+
+    def revoke(self, organization_id: str, user_id: str, code: str = "forbidden") -> int:
+        """The user left the organization: its sockets here hear ``revoked``, then leave the room.
+
+        A socket left with no organization is disconnected. Runs in log
+        order (the bus listener), so no event of the organization published
+        after the revocation reaches them. Return how many sockets.
+        """
+        room = organization_room(organization_id)
+        count = 0
+        for sid in list(self._fanout.members(room)):
+            session = self.sessions.get(sid)
+            if session is None or session.user_id != user_id or organization_id not in session.organizations:
+                continue
+            count += 1
+            self._tell_revoked(sid, code, organization_id)
+            self.leave_room(sid, room)
+            session.organizations.remove(organization_id)
+            if self._presence is not None:
+                self._presence.left(organization_id, user_id)
+            if not session.organizations:
+                gevent.spawn(self.server.disconnect, sid, namespace=self.namespace)
+            else:
+                self._keep(session)
+        if count and self._observer is not None:
+            self._observer.revoked(code, count)
+        return count
+
+    def token_gone(self, sid: str, code: str) -> None:
+        """The socket's token no longer validates: ``revoked`` with no organization, then disconnected."""
+        if sid not in self.sessions:
+            return
+        self._tell_revoked(sid, code, None)
+        if self._observer is not None:
+            self._observer.revoked(code, 1)
+        gevent.spawn(self.server.disconnect, sid, namespace=self.namespace)
+
+    def _tell_revoked(self, sid: str, code: str, organization_id: str | None) -> None:
+        log.info("socket %s: revoked (%s) %s", sid, code, organization_id or "its token",
+                 extra={"socket_id": sid, "code": code, "organization_id": organization_id})
+        args = json.dumps(["revoked", {"code": code, "organizationId": organization_id}], separators=(",", ":"))
+        self._fanout.to_socket(sid, args)
 
     # --- expiry
 
