@@ -143,7 +143,8 @@ def create_app(settings: Settings | None = None) -> Any:
     runtime.stoppers += [revalidator.stop, presence.stop, worker_stats.stop, cluster.stop, bus.stop,
                          lambda: log.batching(None)]
     if recovery is not None:
-        keeper = _Keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2)
+        keeper = _Keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2,
+                         ready=lambda: bus.cursor is not None)
         runtime.starters.append(keeper.start)
         runtime.stoppers.append(keeper.stop)
 
@@ -211,7 +212,8 @@ def _build_bus(settings: Settings, db: Any, metrics: Any, runtime: Runtime) -> t
     postgres = PostgresBus(db, settings.database_url or "", window=settings.recovery_window,
                            history_size=settings.history_size, carries_bus=not settings.redis_url,
                            source_channels=("orgcast", f"{prefix}#/"),
-                           attachments_table=settings.emitter_attachments_table)
+                           attachments_table=settings.emitter_attachments_table,
+                           idempotency_window=settings.idempotency_window)
     probe_timeout = min(1.0, settings.db_timeout)
     checks: dict[str, Any] = {"database": lambda: db.ping(timeout=probe_timeout)}
     bus: Any = postgres
@@ -222,7 +224,7 @@ def _build_bus(settings: Settings, db: Any, metrics: Any, runtime: Runtime) -> t
 
         bus = RedisBus(settings.redis_url, timeout=settings.db_timeout, emitter_prefix=prefix,
                        window=settings.recovery_window, history_size=settings.history_size,
-                       connections=settings.db_pool_size)
+                       connections=settings.db_pool_size, idempotency_window=settings.idempotency_window)
         store = RedisStore(bus.client, settings.recovery_window, settings.history_size)
         checks["redis"] = make_redis_probe(settings.redis_url, probe_timeout)
         checks["sql_publishing"] = postgres.probe
@@ -256,7 +258,9 @@ def _build_sources(settings: Settings, publisher: Any, postgres: Any, bus: Any, 
 class _Keeper:
     """Fetch the recovery secret, then keep the organizations of live sessions for their recovery."""
 
-    def __init__(self, recovery: Any, sids: Callable[[], list[str]], every: float) -> None:
+    def __init__(self, recovery: Any, sids: Callable[[], list[str]], every: float,
+                 ready: Callable[[], bool]) -> None:
+        self._ready = ready
         self._recovery = recovery
         self._sids = sids
         self._every = every
@@ -275,8 +279,9 @@ class _Keeper:
     def _run(self) -> None:
         import gevent
 
-        while not self._recovery.load_secret():
-            gevent.sleep(1.0)
+        # Once the bus's listener has read the log (it made orgcast's schema, where the secret is).
+        while not self._ready() or not self._recovery.load_secret():
+            gevent.sleep(0.2)
         while True:
             gevent.sleep(self._every)
             sids = self._sids()

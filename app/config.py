@@ -304,6 +304,11 @@ class Settings:
         "seconds before a token's `expires` that its sockets receive `session_expiring` (half the token's "
         "remaining life when that is shorter)",
         _non_neg_float)
+    idempotency_window: float = setting(
+        "ORGCAST_IDEMPOTENCY_WINDOW", "300",
+        "seconds a publish's `Idempotency-Key` (or `idempotencyKey`) is remembered for its room: a repeat within "
+        "them is answered as the first, plus `\"duplicate\": true`, and delivered to no one",
+        _pos_float)
     revalidate_interval: float = setting(
         "ORGCAST_REVALIDATE_INTERVAL", "60",
         "seconds between re-checks of the connected sockets' tokens and memberships against the database, in "

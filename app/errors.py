@@ -69,6 +69,7 @@ API_ERRORS: dict[str, Code] = {
         Code("invalid_user", "User ids are 1-80 printable characters without spaces.", 422),
         Code("invalid_room", "Rooms are organization.<id> or user.<id>.", 422),
         Code("invalid_event", "Event names are 1-64 printable characters and not reserved by Socket.IO.", 422),
+        Code("invalid_idempotency_key", "Idempotency keys are 1-64 characters of A-Z a-z 0-9 . _ : -.", 422),
         Code("polling_disabled",
              "Long-polling is off in this deployment (several workers): connect with transports: [\"websocket\"].",
              400),

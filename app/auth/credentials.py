@@ -51,6 +51,11 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(value, strict=False) for value in values)
 
 
+def is_trusted(address: str, networks: Sequence[Network]) -> bool:
+    """Tell whether ``address`` is one of the trusted proxies."""
+    return _in(address, networks)
+
+
 def _in(address: str, networks: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)

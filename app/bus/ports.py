@@ -33,8 +33,12 @@ Missed = list[tuple[int, str, tuple[str, ...]]]
 
 
 class Log(Protocol):
-    def append(self, entry: Entry) -> int:
+    def append(self, entry: Entry, key: str | None = None) -> int | None:
         """Append an entry after every other; return its position.
+
+        With an idempotency ``key``: None, and nothing appended, when the key
+        was taken for the entry's room within the idempotency window (the
+        check and the append are one step).
 
         :raise Unavailable: the log did not take it
         """

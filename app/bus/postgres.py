@@ -118,16 +118,31 @@ CREATE TABLE IF NOT EXISTS orgcast.socket_organizations (
     organizations text[] NOT NULL,
     kept_until    timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS orgcast.idempotency (
+    room       text NOT NULL,
+    key        text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (room, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created_at ON orgcast.idempotency (created_at);
 """
 #: the newest object of SCHEMA_SQL: when it exists, the schema is complete
-SCHEMA_LAST = "orgcast.socket_organizations"
+SCHEMA_LAST = "orgcast.idempotency"
 
-_APPEND = """
-WITH p AS (UPDATE orgcast.log_head SET position = position + 1 RETURNING position),
+_APPEND_REST = """
      l AS (INSERT INTO orgcast.log (position, message) SELECT position, %(message)s FROM p),
      h AS (INSERT INTO orgcast.history (room, id, args, except_rooms)
            SELECT r, p.position, %(args)s, %(except)s::text[] FROM p, unnest(%(rooms)s::text[]) AS r)
 SELECT position, pg_notify(%(channel)s, position::text || %(notified)s) FROM p
+"""
+_APPEND = "WITH p AS (UPDATE orgcast.log_head SET position = position + 1 RETURNING position)," + _APPEND_REST
+# The key's row is the check and the lock: a second append with it waits for the first to
+# commit, then finds it (and takes no position); an expired one is taken over.
+_KEYED = """
+WITH k AS (INSERT INTO orgcast.idempotency (room, key) VALUES (%(room)s, %(key)s)
+           ON CONFLICT (room, key) DO UPDATE SET created_at = now()
+           WHERE orgcast.idempotency.created_at < now() - %(window)s * interval '1 second' RETURNING 1),
+     p AS (UPDATE orgcast.log_head SET position = position + 1 WHERE EXISTS (SELECT 1 FROM k) RETURNING position),
 """
 _TRIMMED = """
 INSERT INTO orgcast.history_trimmed (room, through) SELECT room, max(id) FROM gone GROUP BY room
@@ -142,8 +157,10 @@ class PostgresBus(LogListener):
     name = "postgres"
 
     def __init__(self, db: Database, dsn: str, *, window: float, history_size: int, carries_bus: bool = True,
-                 source_channels: tuple[str, ...] = (), attachments_table: str | None = None) -> None:
+                 source_channels: tuple[str, ...] = (), attachments_table: str | None = None,
+                 idempotency_window: float = 300.0) -> None:
         super().__init__()
+        self._idempotency_window = idempotency_window
         self._db = db
         self._dsn = dsn
         self._window = window
@@ -160,15 +177,18 @@ class PostgresBus(LogListener):
 
     # --- the log
 
-    def append(self, entry: Entry) -> int:
+    def append(self, entry: Entry, key: str | None = None) -> int | None:
         text = encode(entry)
         rooms: list[str] = list(entry.rooms) if isinstance(entry, Publication) else []
-        row = self._db.fetch_one(_APPEND, {
+        row = self._db.fetch_one(_APPEND if key is None else _KEYED + _APPEND_REST, {
             "message": text, "channel": LOG_CHANNEL,
             "notified": " " + text if len(text.encode()) < NOTIFY_LIMIT - 24 else "",
             "rooms": rooms, "args": entry.args if isinstance(entry, Publication) else "",
-            "except": list(entry.except_rooms) if isinstance(entry, Publication | Kick) else []})
+            "except": list(entry.except_rooms) if isinstance(entry, Publication | Kick) else [],
+            "room": rooms[0] if rooms else "", "key": key, "window": self._idempotency_window})
         if row is None:
+            if key is not None:
+                return None  # the key was taken within the window: a repeat
             raise Unavailable("orgcast's log is missing its head row")
         return int(row[0])
 
@@ -346,6 +366,9 @@ class PostgresBus(LogListener):
                                    "RETURNING 1) SELECT count(*) FROM gone", {})
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.socket_organizations WHERE kept_until < "
                                    "now() RETURNING 1) SELECT count(*) FROM gone", {})
+                self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.idempotency WHERE created_at < now() - "
+                                   "%(window)s * interval '1 second' RETURNING 1) SELECT count(*) FROM gone",
+                                   {"window": self._idempotency_window})
                 self._db.fetch_one(
                     "WITH gone AS (DELETE FROM orgcast.history WHERE created_at < now() - interval "
                     f"'{float(self._window)} seconds' RETURNING room, id) " + _TRIMMED, {})

@@ -45,6 +45,7 @@ EPOCH_KEY = "orgcast:epoch"
 TRIMMED_KEY = "orgcast:log-trimmed"
 SIGNAL_CHANNEL = "orgcast:signals"
 HISTORY_PREFIX = "orgcast:history:"
+IDEMPOTENCY_PREFIX = "orgcast:idempotency:"
 #: how far each room's stream was trimmed (Redis's own max-deleted-entry-id only follows XDEL)
 HISTORY_TRIMMED_PREFIX = "orgcast:history-trimmed:"
 LOCK_TTL = 3.0
@@ -56,9 +57,14 @@ _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
           "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 # KEYS: the log, the epoch, then per room its history stream and trimmed mark.
-# ARGV: the entry, window ms, events per room, args, except rooms (JSON).
+# ARGV: the entry, window ms, events per room, args, except rooms (JSON), the idempotency
+# key's key (or ''), its window ms. (The key's key is an ARGV, as a single Redis allows:
+# the cluster keeps every key of a room under one hash tag.)
 # Room trimming is done here, not by XADD's MAXLEN, to know the newest ID it removes.
 _APPEND = """
+if ARGV[6] ~= '' and not redis.call('SET', ARGV[6], '1', 'NX', 'PX', ARGV[7]) then
+  return false  -- the idempotency key was taken within its window: a repeat, no position
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[2], 't' .. t[1] .. t[2])
@@ -135,8 +141,9 @@ class RedisBus(LogListener):
     name = "redis"
 
     def __init__(self, url: str, *, timeout: float, emitter_prefix: str, window: float, history_size: int,
-                 connections: int = 10) -> None:
+                 connections: int = 10, idempotency_window: float = 300.0) -> None:
         super().__init__()
+        self._idempotency_window = idempotency_window
         self._url = url
         self._timeout = timeout
         self._window = window
@@ -152,7 +159,7 @@ class RedisBus(LogListener):
 
     # --- the log
 
-    def append(self, entry: Entry) -> int:
+    def append(self, entry: Entry, key: str | None = None) -> int | None:
         keys = [LOG_KEY, EPOCH_KEY]
         args: list[Any] = [encode(entry), int(self._window * 1000), self._history_size]
         if isinstance(entry, Publication):
@@ -161,9 +168,14 @@ class RedisBus(LogListener):
             args += [entry.args, json.dumps(list(entry.except_rooms))]
         else:
             args += ["", "[]"]
+        room = entry.rooms[0] if isinstance(entry, Publication) and entry.rooms else ""
+        args += [f"{IDEMPOTENCY_PREFIX}{room}:{key}" if key is not None else "", int(self._idempotency_window * 1000)]
         try:
             with answered("the append"):
-                position = position_of(self._append(keys=keys, args=args))
+                answer = self._append(keys=keys, args=args)
+                if answer is None:
+                    return None  # a repeat of its idempotency key
+                position = position_of(answer)
         except Unavailable as exc:
             self._refused += 1
             if self._refused == 1:  # one line an outage, not one per refused publish

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from app.errors import ApiError, Unavailable, http_error, http_error_headers, status_line
 from app.http.apikey import check_api_key
-from app.publish.service import Event, Publisher, new_id
+from app.publish.service import Event, Publisher, idempotency_key, new_id
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -104,15 +104,18 @@ class ServerApi:
     # --- routes
 
     def _publish_to_organization(self, environ: dict[str, Any], organization_id: str) -> dict[str, Any]:
+        key = idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
         event, data = _event(self._json_body(environ))
-        room = self._publisher.publish_to_organization(organization_id, event, data, SOURCE,
-                                                       environ["orgcast.request_id"])
-        return {"status": "accepted", "room": room}
+        room, repeat = self._publisher.publish_to_organization(organization_id, event, data, SOURCE,
+                                                               environ["orgcast.request_id"], key)
+        return _accepted({"status": "accepted", "room": room}, repeat)
 
     def _publish_to_user(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
+        key = idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
         event, data = _event(self._json_body(environ))
-        room = self._publisher.publish_to_user(user_id, event, data, SOURCE, environ["orgcast.request_id"])
-        return {"status": "accepted", "room": room}
+        room, repeat = self._publisher.publish_to_user(user_id, event, data, SOURCE, environ["orgcast.request_id"],
+                                                       key)
+        return _accepted({"status": "accepted", "room": room}, repeat)
 
     def _disconnect_user(self, environ: dict[str, Any], user_id: str) -> dict[str, Any]:
         room = self._publisher.disconnect_user(user_id, f"{SOURCE} [{environ['orgcast.request_id']}]")
@@ -142,12 +145,17 @@ class ServerApi:
             raise ApiError("bad_request", 'The body must be {"events": [...]} with at least one event.')
         if len(items) > MAX_BATCH:
             raise ApiError("bad_request", f"A batch holds at most {MAX_BATCH} events.")
-        # All validated first: one bad event refuses the whole batch.
-        events = [self._batch_event(index, item) for index, item in enumerate(items)]
-        return {"status": "accepted",
-                "count": self._publisher.publish_many(events, SOURCE, environ["orgcast.request_id"])}
+        # All validated first: one bad event refuses the whole batch. The header's key
+        # keys each event that has none of its own as "<key>:<index>".
+        key = idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
+        events = [self._batch_event(index, item, key) for index, item in enumerate(items)]
+        count, repeats = self._publisher.publish_many(events, SOURCE, environ["orgcast.request_id"])
+        answer: dict[str, Any] = {"status": "accepted", "count": count}
+        if repeats:
+            answer["duplicates"] = repeats
+        return _accepted(answer, repeats == count)
 
-    def _batch_event(self, index: int, item: Any) -> Event:
+    def _batch_event(self, index: int, item: Any, batch_key: str | None = None) -> Event:
         where = f"events[{index}]"
         if not isinstance(item, dict) or "event" not in item:
             raise ApiError("bad_request", f'{where} must be an object with an "event".')
@@ -159,7 +167,10 @@ class ServerApi:
                 room = self._publisher.organization_room(item["organizationId"])
             else:
                 room = self._publisher.user_room(item["userId"])
-            return self._publisher.prepare(room, item["event"], item.get("data"))
+            event = self._publisher.prepare(room, item["event"], item.get("data"), item.get("idempotencyKey"))
+            if event.key is None and batch_key is not None:
+                event = Event(event.room, event.args, f"{batch_key}:{index}")
+            return event
         except ApiError as exc:
             raise ApiError(exc.code, f"{where}: {exc.message}") from None
 
@@ -196,6 +207,13 @@ class ServerApi:
             return json.loads(raw)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
             raise ApiError("bad_request") from None
+
+
+def _accepted(body: dict[str, Any], repeat: bool) -> dict[str, Any]:
+    """The answer to a publish; a repeat of an idempotency key is answered as the first, plus duplicate."""
+    if repeat:
+        body["duplicate"] = True
+    return body
 
 
 def _discard(stream: Any, length: int, most: int) -> None:

@@ -60,7 +60,7 @@ class PostgresSource:
         body = _json(payload)
         if not isinstance(body, dict) or "room" not in body or "event" not in body:
             raise Dropped('expected {"room": …, "event": …, "data": …}')
-        self._publisher.publish(body["room"], body["event"], body.get("data"), SOURCE)
+        self._publisher.publish(body["room"], body["event"], body.get("data"), SOURCE, key=body.get("idempotencyKey"))
 
     def _emitter(self, payload: str) -> None:
         document = _json(payload)

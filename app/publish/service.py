@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class Log(Protocol):
-    def append(self, entry: Entry) -> int: ...
+    def append(self, entry: Entry, key: str | None = None) -> int | None: ...
 
 
 class Observer(Protocol):
@@ -42,6 +43,21 @@ class Observer(Protocol):
 def new_id() -> str:
     """A publication's id, for the log lines of every worker that delivers it."""
     return process.random_bytes(8).hex()  # secrets.token_hex(8), read ahead
+
+
+_KEY = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def idempotency_key(value: Any) -> str | None:
+    """A publish's idempotency key (None: none given).
+
+    :raise ApiError: invalid_idempotency_key (not 1-64 of ``A-Za-z0-9._:-``)
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or _KEY.fullmatch(value) is None:
+        raise ApiError("invalid_idempotency_key")
+    return value
 
 
 def is_valid_event(event: Any) -> bool:
@@ -74,6 +90,8 @@ class Event:
 
     room: str
     args: str
+    #: the publisher's idempotency key (a repeat within ORGCAST_IDEMPOTENCY_WINDOW is not delivered)
+    key: str | None = None
 
 
 class Publisher:
@@ -86,72 +104,80 @@ class Publisher:
 
     # --- events
 
-    def prepare(self, room: Any, event: Any, data: Any) -> Event:
-        """Validate one event for one room and encode it.
+    def prepare(self, room: Any, event: Any, data: Any, key: Any = None) -> Event:
+        """Validate one event for one room (and its idempotency key) and encode it.
 
-        :raise ApiError: invalid_room, invalid_event, bad_request
+        :raise ApiError: invalid_room, invalid_event, invalid_idempotency_key, bad_request
         """
         if not isinstance(room, str) or not is_valid_room(room):
             raise ApiError("invalid_room")
         if not is_valid_event(event):
             raise ApiError("invalid_event")
-        return Event(room, encode_args([event, data]))
+        return Event(room, encode_args([event, data]), idempotency_key(key))
 
-    def publish(self, room: Any, event: Any, data: Any, source: str, request_id: str = "") -> None:
-        """Deliver ``event`` with ``data`` (one argument) to ``room`` everywhere.
+    def publish(self, room: Any, event: Any, data: Any, source: str, request_id: str = "", key: Any = None) -> bool:
+        """Deliver ``event`` with ``data`` (one argument) to ``room`` everywhere; False: a repeat of ``key``.
 
-        :raise ApiError: invalid_room, invalid_event, bad_request
+        :raise ApiError: invalid_room, invalid_event, invalid_idempotency_key, bad_request
         :raise Unavailable: the log did not take it
         """
-        self.send(self.prepare(room, event, data), source, request_id)
+        return self.send(self.prepare(room, event, data, key), source, request_id)
 
-    def send(self, event: Event, source: str, request_id: str = "") -> None:
+    def send(self, event: Event, source: str, request_id: str = "") -> bool:
         """Publish an event that ``prepare`` validated (``request_id``: its id in the logs; made up if empty).
 
+        Return False when its key was accepted for its room within the window
+        (the check and the append are one step of the log): delivered to no one.
+
         :raise Unavailable: the log did not take it
         """
-        self._send(Publication((event.room,), event.args, source=source, id=request_id or new_id()))
+        return self._send(Publication((event.room,), event.args, source=source, id=request_id or new_id()),
+                          event.key)
 
-    def _send(self, publication: Publication) -> None:
-        self._log.append(publication)
+    def _send(self, publication: Publication, key: str | None = None) -> bool:
+        if self._log.append(publication, key) is None:
+            log.info("%s: %s is a repeat of key %s for %s: not delivered", publication.source, publication.id, key,
+                     publication.rooms[0])
+            return False
         if self._observer is not None:
             self._observer.published(publication.source)
         log.debug("%s: published %s to %s", publication.source, publication.id, ",".join(publication.rooms))
+        return True
 
-    def publish_many(self, events: Iterable[Event], source: str, request_id: str = "") -> int:
-        """Publish events that were all validated first; return how many.
+    def publish_many(self, events: Iterable[Event], source: str, request_id: str = "") -> tuple[int, int]:
+        """Publish events that were all validated first; return (how many, how many of them were repeats).
 
         Their ids in the logs are ``<request_id>-<n>``.
 
-        :raise Unavailable: the bus did not take one (those before it were sent)
+        :raise Unavailable: the log did not take one (those before it were appended)
         """
         request_id = request_id or new_id()
-        count = 0
+        count = repeats = 0
         for event in events:
-            self.send(event, source, f"{request_id}-{count}")
+            if not self.send(event, source, f"{request_id}-{count}"):
+                repeats += 1
             count += 1
-        return count
+        return count, repeats
 
     def publish_to_organization(self, organization_id: str, event: Any, data: Any, source: str,
-                                request_id: str = "") -> str:
-        """Deliver to ``organization.<id>``; return the room.
+                                request_id: str = "", key: Any = None) -> tuple[str, bool]:
+        """Deliver to ``organization.<id>``; return (the room, whether it was a repeat of ``key``).
 
-        :raise ApiError: invalid_organization, invalid_event, bad_request
+        :raise ApiError: invalid_organization, invalid_event, invalid_idempotency_key, bad_request
         :raise Unavailable: the log did not take it
         """
         room = self.organization_room(organization_id)
-        self.publish(room, event, data, source, request_id)
-        return room
+        return room, not self.publish(room, event, data, source, request_id, key)
 
-    def publish_to_user(self, user_id: str, event: Any, data: Any, source: str, request_id: str = "") -> str:
-        """Deliver to ``user.<user_id>``; return the room.
+    def publish_to_user(self, user_id: str, event: Any, data: Any, source: str, request_id: str = "",
+                        key: Any = None) -> tuple[str, bool]:
+        """Deliver to ``user.<user_id>``; return (the room, whether it was a repeat of ``key``).
 
-        :raise ApiError: invalid_user, invalid_event, bad_request
+        :raise ApiError: invalid_user, invalid_event, invalid_idempotency_key, bad_request
         :raise Unavailable: the log did not take it
         """
         room = self.user_room(user_id)
-        self.publish(room, event, data, source, request_id)
-        return room
+        return room, not self.publish(room, event, data, source, request_id, key)
 
     def emit(self, rooms: Sequence[str], except_rooms: Sequence[str], args: Sequence[Any],
              source: str) -> None:

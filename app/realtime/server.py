@@ -33,7 +33,7 @@ from urllib.parse import parse_qs
 import socketio
 from socketio import packet as sio_packet
 
-from app.auth.credentials import Network, client_address, parse_networks
+from app.auth.credentials import Network, client_address, is_trusted, parse_networks
 from app.config import Settings
 from app.errors import API_ERRORS, connect_error, error_body, status_line
 from app.realtime.engine import EngineServer
@@ -201,8 +201,8 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
     def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
         """Open a session, unless its address holds too many that are not admitted (429)."""
         address = client_address(environ, self._trusted)
-        if not self.untrusted_forwarding and environ.get("HTTP_X_FORWARDED_FOR") and address == environ.get(
-                "REMOTE_ADDR"):
+        if not self.untrusted_forwarding and environ.get("HTTP_X_FORWARDED_FOR") and not is_trusted(
+                str(environ.get("REMOTE_ADDR", "")), self._trusted):
             # Behind a proxy that is not trusted every client is one address, and the
             # per-address limits apply to all of them at once (issue 18): say so, once.
             self.untrusted_forwarding = True
