@@ -41,7 +41,8 @@ def test_the_same_key_through_two_workers_at_once_is_delivered_once(bus: str, po
             replies: list[requests.Response] = []
             start = threading.Barrier(6)
 
-            def send(server: Server, key: str = key, attempt: int = attempt) -> None:
+            def send(server: Server, key: str = key, attempt: int = attempt, start: Any = start,
+                     replies: list[requests.Response] = replies) -> None:
                 start.wait(10)
                 replies.append(post(server, "organizations/org-a/events",
                                     {"event": "news", "data": f"once-{attempt}"}, key))
