@@ -117,7 +117,8 @@ def create_app(settings: Settings | None = None) -> Any:
     namespace = OrgcastNamespace(
         checker, fanout, timers, expiry_warning=settings.expiry_warning,
         max_subscriptions=settings.max_subscriptions, max_sockets_per_user=settings.max_sockets_per_user,
-        recovery=recovery, observer=metrics, presence=presence if presence.events else None)
+        recovery=recovery, observer=metrics, presence=presence if presence.events else None,
+        history=store, rewind_max=settings.rewind_max)
     sessions = namespace.sessions
     sio.register_namespace(namespace)
 

@@ -309,6 +309,10 @@ class Settings:
         "seconds a publish's `Idempotency-Key` (or `idempotencyKey`) is remembered for its room: a repeat within "
         "them is answered as the first, plus `\"duplicate\": true`, and delivered to no one",
         _pos_float)
+    rewind_max: int = setting(
+        "ORGCAST_REWIND_MAX", "100",
+        "most events a connect's or a subscribe's `rewind` gives (larger values are capped); history is kept "
+        "with recovery off too", _non_neg_int)
     revalidate_interval: float = setting(
         "ORGCAST_REVALIDATE_INTERVAL", "60",
         "seconds between re-checks of the connected sockets' tokens and memberships against the database, in "

@@ -44,6 +44,7 @@ REFUSALS: dict[str, Code] = {
         Code("rate_limited", "Too many failed attempts from this address; retry later.", 429, True),
         Code("unavailable", "The authorization database did not answer in time; retry.", 503, True),
         Code("namespace_invalid", "Invalid namespace: orgcast serves the namespace \"/\" only.", 400),
+        Code("rewind_invalid", "rewind must be a whole number from 0.", 400),
         Code("too_many_sockets", "This user has the most sockets allowed open; close one first.", 429),
         # subscribe and refresh only (answered in their acks):
         Code("too_many_subscriptions", "This socket listens to the most organizations allowed; "

@@ -154,18 +154,27 @@ class Fanout:
         """
         sock = self._session(sid)
         if sock is not None:
-            sock.gate = Gate()
+            old = sock.gate
+            sock.gate = Gate(old.floor if old is not None else 0)  # (a floor it had stays)
         return self.cursor()
 
-    def release(self, sid: str, missed: list[tuple[int, str]], floor: int = 0) -> None:
-        """Send ``missed`` (position, args), then what was held for ``sid`` after ``floor``."""
+    def release(self, sid: str, missed: list[tuple[int, str]], floor: int = 0, tag: int | None = None) -> None:
+        """Send ``missed`` (position, args), then what was held for ``sid`` after ``floor``.
+
+        ``tag``: the offset the ``missed`` events carry instead of their own
+        positions — a rewind sends older events of a room, and the client's
+        offset must stay where its other rooms are (``hold``'s position).
+        """
         sock = self._session(sid)
         if sock is None:
             return
         gate = sock.gate
         held = gate.held or [] if gate is not None else []
+        if gate is not None:
+            floor = max(floor, gate.floor)
         for position, args in missed:
-            sock.send(eio_packet.Packet(eio_packet.MESSAGE, _packet_text(args, position if self.offsets else None)))
+            offset = (position if tag is None else max(tag, floor)) if self.offsets else None
+            sock.send(eio_packet.Packet(eio_packet.MESSAGE, _packet_text(args, offset)))
         for position, text in held:
             if position > floor:
                 sock.send(eio_packet.Packet(eio_packet.MESSAGE, text))

@@ -43,6 +43,9 @@ from app.realtime.timers import Timers
 
 log = logging.getLogger(__name__)
 
+#: what a socket is sent after its CONNECT ack: (events, floor, the offset they carry: None for their own)
+Replay = tuple[list[tuple[int, str]], int, int | None]
+
 SLOW_DOWN = "Too many subscribe or refresh requests from this socket; slow down."
 
 
@@ -54,6 +57,10 @@ class Observer(Protocol):
     def socket_closed(self) -> None: ...
     def recovery(self, recovered: bool) -> None: ...
     def revoked(self, reason: str, count: int = 1) -> None: ...
+
+
+class Latest(Protocol):
+    def latest(self, room: str, count: int, through: int) -> list[tuple[int, str, tuple[str, ...]]]: ...
 
 
 class PresenceHooks(Protocol):
@@ -105,6 +112,8 @@ class Admission:
     started: float = 0.0
     #: the organizations kept for it differ from the one it connects with
     kept: bool = False
+    #: how many of its organization's latest events it asked for (capped)
+    rewind: int = 0
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
@@ -116,8 +125,10 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
     def __init__(self, checker: AuthChecker, fanout: Fanout, timers: Timers, *, expiry_warning: float,
                  max_subscriptions: int, max_sockets_per_user: int, recovery: Recovery | None = None,
                  observer: Observer | None = None, presence: PresenceHooks | None = None,
-                 namespace: str = "/") -> None:
+                 history: Latest | None = None, rewind_max: int = 100, namespace: str = "/") -> None:
         super().__init__(namespace)
+        self._history = history
+        self._rewind_max = rewind_max
         self._observer = observer
         self._presence = presence
         self._checker = checker
@@ -156,6 +167,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
                 raise Unavailable("this worker has not reached the bus yet")
             if self._recovery is not None and not self._recovery.ready:
                 self._recovery.load_secret()  # (the first connects of a worker only)
+            rewind = self._rewind_of(auth.get("rewind") if isinstance(auth, dict) else None)
             if self._max_per_user and self._per_user[principal.user_id] >= self._max_per_user:
                 refusal = Refusal("too_many_sockets")
                 refusal.user_id = principal.user_id
@@ -168,7 +180,8 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             log.exception("connect check failed")
             self._refused(Unavailable(), address, session_id, started)
             raise refusal_to_wire(Unavailable()) from None
-        admission = Admission(principal, address, [principal.organization_id], creds.token, started=started)
+        admission = Admission(principal, address, [principal.organization_id], creds.token, started=started,
+                              rewind=rewind)
         if recovering:
             try:
                 self._prepare_recovery(admission, auth)
@@ -215,8 +228,11 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         """A CONNECT to a namespace orgcast does not serve (realtime/server.py answers it)."""
         self._refused(Refusal("namespace_invalid"), address, session_id, time.monotonic())
 
-    def admit(self, sid: str, admission: Admission) -> tuple[list[tuple[int, str]], int] | None:
-        """Admit the socket into its rooms; if it is recovering, return (what it missed, floor) (None: not recovered).
+    def admit(self, sid: str, admission: Admission) -> Replay | None:
+        """Admit the socket into its rooms; return what to send it after the ack (None: nothing).
+
+        A recovered socket gets what it missed (after its offset: the floor); a
+        new one that asked for a ``rewind``, its organization's latest events.
 
         While the history is read, what is published to its rooms waits for it (the gate).
         """
@@ -228,8 +244,13 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         rooms = self._rooms_of(sid)
         for room in rooms:
             self.enter_room(sid, room)
-        through = self._fanout.hold(sid) if recovering is not None else self._fanout.cursor()
-        missed = None
+        rewinding = recovering is None and admission.rewind > 0
+        through = self._fanout.hold(sid) if recovering is not None or rewinding else self._fanout.cursor()
+        missed: Replay | None = None
+        if rewinding:
+            # A page that opens: the organization's latest events, after the ack, before any live one.
+            missed = (self._latest(rooms, organization_room(principal.organization_id), admission.rewind,
+                                   through or 0), 0, through or 0)
         if recovering is not None and self._recovery is not None:
             pid, recovery_sid, offset = recovering
             try:
@@ -238,7 +259,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
                 log.info("reading the history failed (%s): not recovered", exc)
                 events = None
             if events is not None:
-                missed = (events, offset)
+                missed = (events, offset, None)
                 session.pid, session.recovery_sid = pid, recovery_sid
             else:
                 self._demote(sid, session, principal.organization_id)
@@ -255,10 +276,11 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             self._observer.attempt("ok")
             self._observer.socket_opened()
             if recovering is not None:
-                self._observer.recovery(missed is not None)
+                self._observer.recovery(missed is not None and missed[2] is None)
         log.info("connect ok: socket %s, user %s, organization %s, address %s%s (%.1f ms)", sid,
                  principal.user_id, principal.organization_id, admission.address,
-                 "" if recovering is None else ", recovered" if missed is not None else ", not recovered", latency,
+                 "" if recovering is None else ", recovered" if missed is not None and missed[2] is None
+                 else ", not recovered", latency,
                  extra={"code": "ok", "socket_id": sid, "user_id": principal.user_id,
                         "organization_id": principal.organization_id, "address": admission.address,
                         "latency_ms": latency})
@@ -272,12 +294,35 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         session.organizations = [organization_id]
         session.kept = False
 
-    def replay(self, sid: str, missed: tuple[list[tuple[int, str]], int] | None) -> None:
-        """Send what a recovered socket missed, then what was held for it meanwhile."""
-        events, floor = missed if missed is not None else ([], 0)
-        self._fanout.release(sid, events, floor)
+    def replay(self, sid: str, missed: Replay | None) -> None:
+        """Send what a recovered socket missed (or a new one's rewind), then what was held for it meanwhile."""
+        events, floor, tag = missed if missed is not None else ([], 0, None)
+        self._fanout.release(sid, events, floor, tag)
         if missed is not None:
-            log.info("socket %s recovered: %d missed events", sid, len(events))
+            log.info("socket %s %s: %d events", sid, "recovered" if tag is None else "rewound", len(events))
+
+    def _rewind_of(self, value: Any) -> int:
+        """The rewind a client asked for, capped at ORGCAST_REWIND_MAX.
+
+        :raise Refusal: rewind_invalid (not a whole number from 0)
+        """
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Refusal("rewind_invalid")
+        return min(value, self._rewind_max)
+
+    def _latest(self, rooms: list[str], room: str, count: int, through: int) -> list[tuple[int, str]]:
+        """Up to ``count`` of ``room``'s latest events through ``through`` that are for a socket in ``rooms``."""
+        if self._history is None or count <= 0:
+            return []
+        try:
+            events = self._history.latest(room, count, through)
+        except Unavailable as exc:
+            log.info("rewind of %s skipped: %s", room, exc.message)
+            return []
+        mine = set(rooms)
+        return [(at, args) for at, args, excepted in events if not mine.intersection(excepted)]
 
     def pid_of(self, sid: str) -> str | None:
         session = self.sessions.get(sid)
@@ -345,6 +390,10 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         organization_id, refusal = _organization_of(data)
         if refusal is not None:
             return refusal
+        try:
+            rewind = self._rewind_of(data.get("rewind"))
+        except Refusal as exc:
+            return ack_error(exc.code)
         room = organization_room(organization_id)
         if organization_id in session.organizations:
             return {"ok": True, "room": room}
@@ -359,6 +408,9 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         if self.sessions.get(sid) is not session:
             return ack_error("bad_request", "The socket disconnected meanwhile.")
         self.enter_room(sid, room)
+        if rewind:
+            through = self._fanout.hold(sid) or 0
+            self._fanout.release(sid, self._latest(self._rooms_of(sid), room, rewind, through), tag=through)
         session.organizations.append(organization_id)
         if self._presence is not None:
             self._presence.entered(organization_id, session.user_id)
