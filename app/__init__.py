@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Any:
 
     from app import log
     from app.bus.cluster import Cluster
+    from app.bus.envelope import Member
     from app.config import ConfigError, load_settings
     from app.db import Database
     from app.http import Services, register
@@ -103,12 +104,24 @@ def create_app(settings: Settings | None = None) -> Any:
     cluster = Cluster(bus, timeout=settings.cluster_timeout)
     bus.on_signal = cluster.handle
     sessions: dict[str, Any] = {}
+    webhooks = None
+    if settings.webhook_url:
+        from app.realtime.webhooks import Webhooks
+
+        webhooks = Webhooks(settings.webhook_url, settings.webhook_key or "", settings.webhook_secret or "",
+                            is_leader=lambda: bus.leader, store=store, observer=metrics)
+        fanout.on_member = webhooks.member
+        runtime.starters.append(webhooks.start)
+        runtime.stoppers.append(webhooks.stop)
+    tracked = settings.presence_events or webhooks is not None
     presence = Presence(
         cluster, members=fanout.members,
         user_of=lambda sid: getattr(sessions.get(sid), "user_id", None),
         organizations_of=lambda sid: list(getattr(sessions.get(sid), "organizations", ())),
-        store=store if settings.presence_events else None,
-        emitter=publisher if settings.presence_events else None)
+        store=store if tracked else None,
+        emitter=publisher if settings.presence_events else None,
+        linger=settings.webhook_linger if webhooks is not None else 0.0,
+        on_change=(lambda joined, org, user: bus.append(Member(org, user, joined))) if webhooks is not None else None)
     cluster.answer("presence.organization", presence.organization_here)
     cluster.answer("presence.user", presence.user_here)
     cluster.on_gone.append(presence.forget)

@@ -143,6 +143,19 @@ def _redis_url(raw: str) -> Secret | None:
     return Secret(value)
 
 
+def _opt_secret(raw: str) -> Secret | None:
+    return Secret(raw.strip()) if raw.strip() else None
+
+
+def _webhook_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("http://", "https://")) or not urlsplit(value).hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
 def _secrets(raw: str) -> tuple[Secret, ...]:
     keys = tuple(Secret(k.strip()) for k in raw.split(",") if k.strip())
     if any(len(k) < 16 for k in keys):
@@ -402,6 +415,20 @@ class Settings:
         "ORGCAST_PRESENCE_EVENTS", "false",
         "send `presence.join` / `presence.leave` to an organization's other sockets when a user's first socket "
         "arrives and its last one goes (a write to the bus backend per such change, and a broadcast)", _bool)
+    webhook_url: str | None = setting(
+        "ORGCAST_WEBHOOK_URL", "",
+        "where to POST webhooks of who comes and goes (Pusher Channels' format: `channel_occupied`, "
+        "`channel_vacated`, `member_added`, `member_removed`); unset: none", _webhook_url)
+    webhook_key: str | None = setting(
+        "ORGCAST_WEBHOOK_KEY", "", "the webhooks' `X-Pusher-Key` (required with `ORGCAST_WEBHOOK_URL`)", _opt_str)
+    webhook_secret: Secret | None = setting(
+        "ORGCAST_WEBHOOK_SECRET", "",
+        "the key of the webhooks' `X-Pusher-Signature`, a hex HMAC-SHA256 of the body (required with "
+        "`ORGCAST_WEBHOOK_URL`)", _opt_secret, secret=True)
+    webhook_linger: float = setting(
+        "ORGCAST_WEBHOOK_LINGER", "3",
+        "seconds a user's last socket is still counted after it went, so that a page reload sends nothing",
+        _non_neg_float)
     cluster_timeout: float = setting(
         "ORGCAST_CLUSTER_TIMEOUT", "1",
         "seconds `/admin/stats` and the presence routes wait for every worker's answer; one that does not "
@@ -475,4 +502,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[f.name] = f.metadata["cast"](raw)
         except ValueError as exc:
             raise ConfigError(f"{env}: {exc}") from None
+    if values["webhook_url"]:
+        for name, env in (("webhook_key", "ORGCAST_WEBHOOK_KEY"), ("webhook_secret", "ORGCAST_WEBHOOK_SECRET")):
+            if not values[name]:
+                raise ConfigError(f"{env}: required with ORGCAST_WEBHOOK_URL")
     return Settings(**values)

@@ -93,6 +93,9 @@ class Metrics:
         self.revalidation_seconds = Histogram("orgcast_revalidation_duration_seconds", "Time one re-check of this "
                                               "worker's sockets took (its batches, spread over the interval).",
                                               buckets=(0.01, 0.1, 1, 5, 15, 30, 60, 120, 300), **kw)
+        self.webhook_events = Counter("orgcast_webhook_events", "Webhook events, by result: sent, queue_full "
+                                      "(dropped: the receiver is too slow), retries_exhausted (dropped after 5 "
+                                      "minutes of retries).", ["result"], **kw)
         self.api_refused = Counter("orgcast_api_refused", "Server API requests refused, by code (unavailable: "
                                    "the log did not take the event, 503).", ["code"], **kw)
         self.source_dropped = Counter("orgcast_source_messages_dropped", "Messages of pg_notify or an emitter "
@@ -115,6 +118,8 @@ class Metrics:
             self.api_refused.labels(code)
         for reason in ("forbidden", "token_invalid", "token_expired"):
             self.sockets_revoked.labels(reason)
+        for result in ("sent", "queue_full", "retries_exhausted"):
+            self.webhook_events.labels(result)
 
     def buses(self, *names: str) -> None:
         """Create the series of the bus backends this process listens to."""
@@ -155,6 +160,10 @@ class Metrics:
         known = reason if reason in ("forbidden", "token_invalid", "token_expired") else "forbidden"
         self.sockets_revoked.labels(known).inc(count)
         self.tally["revoked"] += count
+
+    def webhook(self, result: str, count: int = 1) -> None:
+        self.webhook_events.labels(result).inc(count)
+        self.tally["webhooks " + result] += count
 
     def revalidated(self, seconds: float) -> None:
         self.revalidation_seconds.observe(seconds)

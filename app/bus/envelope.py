@@ -68,6 +68,15 @@ class Revoke:
 
 
 @dataclass(frozen=True)
+class Member:
+    """A user's first socket of the deployment arrived in an organization (``joined``), or its last one went."""
+
+    organization_id: str
+    user_id: str
+    joined: bool
+
+
+@dataclass(frozen=True)
 class Hello:
     """A worker is alive (sent every few seconds), or leaving (``bye``); ``reply``: answer with yours."""
 
@@ -96,7 +105,7 @@ class Answer:
     data: Any = None
 
 
-Entry = Publication | Kick | Revoke
+Entry = Publication | Kick | Revoke | Member
 Signal = Hello | Ask | Answer
 Message = Entry | Signal
 
@@ -123,6 +132,9 @@ def encode(message: Message) -> str:
     elif isinstance(message, Revoke):
         body = {"v": VERSION, "k": "revoke", "rooms": [], "org": message.organization_id, "user": message.user_id,
                 "code": message.code}
+    elif isinstance(message, Member):
+        body = {"v": VERSION, "k": "member", "rooms": [], "org": message.organization_id, "user": message.user_id,
+                "joined": message.joined}
     elif isinstance(message, Hello):
         body = {"v": VERSION, "k": "hello", "rooms": [], "peer": message.peer}
         if message.bye:
@@ -181,6 +193,8 @@ def decode(text: str | bytes) -> Message:
         return Kick(rooms, except_rooms, _strings(body.get("forget", []), "forget"))
     if kind == "revoke":
         return Revoke(_string(body, "org"), _string(body, "user"), str(body.get("code", "forbidden"))[:32])
+    if kind == "member":
+        return Member(_string(body, "org"), _string(body, "user"), bool(body.get("joined")))
     if kind == "hello":
         return Hello(_string(body, "peer"), bool(body.get("bye")), bool(body.get("reply")))
     if kind == "ask":

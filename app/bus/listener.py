@@ -211,7 +211,7 @@ class LogListener(Listener):
         self._heard()
         try:
             entry = envelope.decode(text)
-            if not isinstance(entry, envelope.Publication | envelope.Kick | envelope.Revoke):
+            if not isinstance(entry, envelope.Publication | envelope.Kick | envelope.Revoke | envelope.Member):
                 raise ValueError("not a log entry")
         except ValueError as exc:
             self.dropped += 1

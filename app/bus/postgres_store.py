@@ -129,6 +129,10 @@ class PostgresStore:
     def presence_forget(self, worker: str) -> list[tuple[str, str]]:
         return [(str(o), str(u)) for o, u in self._db.fetch_all(_PRESENCE_FORGET, {"worker": worker})]
 
+    def presence_pairs(self) -> set[tuple[str, str]]:
+        return {(str(o), str(u)) for o, u in self._db.fetch_all(
+            "SELECT organization_id, user_id FROM orgcast.presence_count WHERE workers > 0", {})}
+
     def presence_workers(self) -> set[str]:
         return {str(w) for (w,) in self._db.fetch_all("SELECT DISTINCT worker FROM orgcast.presence", {})}
 

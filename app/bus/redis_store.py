@@ -147,6 +147,12 @@ class RedisStore:
         pairs = [(p.decode() if isinstance(p, bytes) else str(p)).partition(":") for p in gone or []]
         return [(organization_id, user_id) for organization_id, _, user_id in pairs]
 
+    def presence_pairs(self) -> set[tuple[str, str]]:
+        with answered("presence"):
+            keys = list(self._client.scan_iter(match=PRESENCE_PREFIX + "*", count=1000))
+        pairs = [(k.decode() if isinstance(k, bytes) else str(k))[len(PRESENCE_PREFIX):].partition(":") for k in keys]
+        return {(organization_id, user_id) for organization_id, _, user_id in pairs}
+
     def presence_workers(self) -> set[str]:
         with answered("presence"):
             keys = list(self._client.scan_iter(match=PRESENCE_WORKER_PREFIX + "*", count=1000))

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from engineio import packet as eio_packet
 
-from app.bus.envelope import Kick, Message, Publication, Revoke
+from app.bus.envelope import Kick, Member, Message, Publication, Revoke
 from app.realtime.rooms import ORGANIZATION_PREFIX
 from app.realtime.server import NAMESPACE, SocketServer
 from app.realtime.websocket import encode_frame
@@ -85,6 +85,8 @@ class Fanout:
         self.delivered = 0
         #: the position through which the log has been delivered here (set by the bus listener)
         self.cursor: Callable[[], int | None] = lambda: None
+        #: told of each member change of the deployment, in log order (the webhooks)
+        self.on_member: Callable[[Member], None] | None = None
         #: told (organization, user, code) of each revocation, in log order (the namespace)
         self.on_revoke: Callable[[str, str, str], None] | None = None
         #: the same, waiting up to the given seconds for the log's first read
@@ -98,6 +100,8 @@ class Fanout:
             self.kick(message)
         elif isinstance(message, Revoke) and self.on_revoke is not None:
             self.on_revoke(message.organization_id, message.user_id, message.code)
+        elif isinstance(message, Member) and self.on_member is not None:
+            self.on_member(message)
 
     def deliver(self, publication: Publication) -> int:
         """Write a publication to every local socket it is for; return how many."""

@@ -68,7 +68,13 @@ class Presence:
     def __init__(self, cluster: Asker, *, members: Callable[[str], list[str]],
                  user_of: Callable[[str], str | None], organizations_of: Callable[[str], list[str]],
                  store: Store | None = None, emitter: Emitter | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, linger: float = 0.0,
+                 on_change: Callable[[bool, str, str], None] | None = None) -> None:
+        #: seconds a user's last socket here is still counted after it went (a page reload)
+        self._linger = linger
+        #: told (joined, organization, user) of each change for the whole deployment (the webhooks)
+        self._on_change = on_change
+        self._lingering: dict[tuple[str, str], Any] = {}
         self._cluster = cluster
         #: the sids of this worker's sockets in a room
         self._members = members
@@ -139,6 +145,10 @@ class Presence:
         key = (organization_id, user_id)
         self.held[key] += 1
         if self.held[key] == 1:
+            lingering = self._lingering.pop(key, None)
+            if lingering is not None:
+                lingering.kill(block=False)  # back within the linger: nothing left, nothing to say
+                return
             self._queue(organization_id, user_id, True)
 
     def left(self, organization_id: str, user_id: str) -> None:
@@ -146,9 +156,16 @@ class Presence:
         key = (organization_id, user_id)
         if self.held[key] <= 1:
             self.held.pop(key, None)
-            self._queue(organization_id, user_id, False)
+            if self._linger > 0:
+                self._lingering[key] = gevent.spawn_later(self._linger, self._linger_over, key)
+            else:
+                self._queue(organization_id, user_id, False)
         else:
             self.held[key] -= 1
+
+    def _linger_over(self, key: tuple[str, str]) -> None:
+        if self._lingering.pop(key, None) is not None and key not in self.held:
+            self._queue(key[0], key[1], False)
 
     def _queue(self, organization_id: str, user_id: str, joined: bool) -> None:
         self._changes.append((organization_id, user_id, joined))
@@ -188,9 +205,18 @@ class Presence:
         if joined:
             first = self._store.presence_join(organization_id, user_id, worker)
             if first:
-                self._announce(JOIN, organization_id, user_id)
+                self._changed(True, organization_id, user_id)
         elif self._store.presence_leave(organization_id, user_id, worker):
-            self._announce(LEAVE, organization_id, user_id)
+            self._changed(False, organization_id, user_id)
+
+    def _changed(self, joined: bool, organization_id: str, user_id: str) -> None:
+        """The user's first socket of the deployment arrived in the organization, or its last one went."""
+        self._announce(JOIN if joined else LEAVE, organization_id, user_id)
+        if self._on_change is not None:
+            try:
+                self._on_change(joined, organization_id, user_id)
+            except Unavailable as exc:
+                log.warning("the webhook of %s in %s not sent: %s", user_id, organization_id, exc.message)
 
     def _announce(self, event: str, organization_id: str, user_id: str) -> None:
         if self._emitter is None:
@@ -217,7 +243,7 @@ class Presence:
             log.warning("presence of gone worker %s not forgotten yet: %s", peer, exc.message)
             return  # the janitor tries again
         for organization_id, user_id in gone:
-            self._announce(LEAVE, organization_id, user_id)
+            self._changed(False, organization_id, user_id)
         if gone:
             log.info("worker %s gone: %d users left their organizations", peer, len(gone))
 
