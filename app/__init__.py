@@ -223,7 +223,8 @@ def _build_bus(settings: Settings, db: Any, metrics: Any, runtime: Runtime) -> t
     from app.bus.postgres_store import PostgresStore
 
     prefix = settings.emitter_prefix
-    postgres = PostgresBus(db, settings.database_url or "", window=settings.recovery_window,
+    postgres = PostgresBus(db, settings.listen_database_url or settings.database_url or "",
+                           window=settings.recovery_window,
                            history_size=settings.history_size, carries_bus=not settings.redis_url,
                            source_channels=("orgcast", f"{prefix}#/"),
                            attachments_table=settings.emitter_attachments_table,

@@ -250,6 +250,10 @@ class Settings:
         "DATABASE_URL", "",
         "Postgres DSN of the application database (required; `make run` starts a local one when unset)",
         _dsn, secret=True)
+    listen_database_url: Secret | None = setting(
+        "ORGCAST_LISTEN_DATABASE_URL", "",
+        "a direct Postgres DSN for the bus's LISTEN connection, when `DATABASE_URL` goes through PgBouncer in "
+        "transaction pooling (which cannot LISTEN); unset: `DATABASE_URL`", _dsn, secret=True)
     redis_url: Secret | None = setting(
         "REDIS_URL", "",
         "Redis URL for fan-out between workers/hosts and the Socket.IO emitter protocol (unset: no Redis)",

@@ -63,6 +63,8 @@ class Listener:
         self.received = 0
         self.dropped = 0
         self.last_message_at: float | None = None
+        #: time.monotonic() of the last message heard (0: none yet)
+        self.last_message_at_monotonic = 0.0
 
     @property
     def state(self) -> str:
@@ -148,6 +150,7 @@ class Listener:
     def _heard(self) -> None:
         self.received += 1
         self.last_message_at = time.time()
+        self.last_message_at_monotonic = time.monotonic()
         if self.observer is not None:
             self.observer.bus_message(self.name)
 

@@ -158,8 +158,12 @@ class PostgresBus(LogListener):
 
     def __init__(self, db: Database, dsn: str, *, window: float, history_size: int, carries_bus: bool = True,
                  source_channels: tuple[str, ...] = (), attachments_table: str | None = None,
-                 idempotency_window: float = 300.0) -> None:
+                 idempotency_window: float = 300.0, signals_every: float = 2.0) -> None:
         super().__init__()
+        #: seconds between the signals this process sends itself (the cluster's heartbeat)
+        self._signals_every = signals_every
+        self._up_at = 0.0
+        self._deaf_warned = False
         self._idempotency_window = idempotency_window
         self._db = db
         self._dsn = dsn
@@ -231,6 +235,7 @@ class PostgresBus(LogListener):
                 self._execute(conn, f'LISTEN "{LOG_CHANNEL}"; LISTEN "{SIGNAL_CHANNEL}"')
                 self._catch_up(conn)
         self._up()
+        self._up_at = time.monotonic()
         next_leader_try = 0.0
         while True:
             now = time.monotonic()
@@ -302,6 +307,31 @@ class PostgresBus(LogListener):
             self._entry(position, text)
         else:
             self._catch_up(conn)  # a large entry, or one missed
+
+    def probe(self) -> float:
+        """Readiness: connected, and hearing what is notified (its own heartbeats come back).
+
+        Through PgBouncer in transaction pooling, LISTEN is accepted and then
+        silently useless (the server connection goes back to the pool): the
+        heartbeats this worker NOTIFYs never come back. Say so, rather than
+        lose every event without a word (issue 22).
+
+        :raise Unavailable: the bus is not connected, or deaf
+        """
+        super().probe()
+        if self.carries_bus and self.state == "up":
+            heard = max(self.last_message_at_monotonic, self._up_at)
+            silent = time.monotonic() - heard
+            if heard and silent > 5 * self._signals_every + 5:
+                if not self._deaf_warned:
+                    self._deaf_warned = True
+                    log.error("the LISTEN connection hears nothing of what this worker notifies (%.0f s): through "
+                              "PgBouncer in transaction pooling? set ORGCAST_LISTEN_DATABASE_URL to a direct "
+                              "connection", silent)
+                raise Unavailable("notifications do not come back on the LISTEN connection (through PgBouncer in "
+                                  "transaction pooling? set ORGCAST_LISTEN_DATABASE_URL)")
+            self._deaf_warned = False
+        return 0.0
 
     def _signal_payload(self, payload: str) -> None:
         if payload.startswith("parked "):
