@@ -182,7 +182,13 @@ def create_app(settings: Settings | None = None) -> Any:
 
     api = ServerApi(publisher, settings.api_keys, settings.max_payload, fallback=flask_app, presence=presence,
                     observer=metrics)
-    wsgi = build_wsgi(sio, api, settings)
+    from app.auth.credentials import client_address, parse_networks
+    from app.http.stream import EventStreams
+
+    trusted = parse_networks(settings.trusted_proxies)
+    streams = EventStreams(sio, api, heartbeat=settings.ping_interval, max_buffer=settings.send_buffer,
+                           offsets=settings.recovery, address_of=lambda environ: client_address(environ, trusted))
+    wsgi = build_wsgi(sio, streams, settings)
     # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
     wsgi.runtime = runtime  # type: ignore[attr-defined]
     wsgi.flask_app = flask_app  # type: ignore[attr-defined]

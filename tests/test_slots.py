@@ -263,6 +263,9 @@ def test_a_client_that_stops_reading_is_cut_off_at_the_send_buffer_bound(
     for i in range(120):  # up to 12 MB for a reader that never reads
         assert publish(srv, "org-a", "news", {"i": i, "blob": blob}).status_code == 202
         sent += 1
+        # The reading client keeps up (it is not the slow one: on a loaded machine a
+        # python client left 1 MB behind was cut off too, and the test failed for it).
+        assert reader.wait_for("news", timeout=10)["i"] == i
         try:
             slow.ws.sock.send(b"\x81\x81\x00\x00\x00\x00\x33")  # a masked "3": the pong, blindly
         except OSError:
@@ -274,6 +277,5 @@ def test_a_client_that_stops_reading_is_cut_off_at_the_send_buffer_bound(
     assert closed, "the slow client was never cut off"
     assert "closing a websocket that does not read" in srv.output()
     assert rss_kib(worker) - baseline < 3 * bound // 1024 + 20_000
-    for i in range(sent):
-        assert reader.wait_for("news", timeout=10)["i"] == i
+    assert sent >= 5
     slow.close()

@@ -171,13 +171,15 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 
     #: bytes queued for a polling client that has not fetched them yet
     queued_bytes = 0
+    #: cut off for not fetching them (nothing more is queued)
+    _cut = False
 
     def send(self, pkt: eio_packet.Packet) -> None:
         """Send a packet: straight to the WebSocket, or into the polling queue (bounded)."""
         ws = self.ws
         if ws is None or self.upgrading:  # type: ignore[has-type]
-            if self.closed or self.closing:  # type: ignore[has-type]
-                return
+            if self.closed or self._cut:
+                return  # (closing still sends its CLOSE packet: python-engineio's close does)
             self.queued_bytes += _size(pkt)
             if self.queued_bytes > WebSocket.max_buffer:
                 # The bound of a WebSocket's send buffer, for polling too: a client that
@@ -185,7 +187,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
                 log.warning("closing a polling session that does not fetch: %d bytes queued", self.queued_bytes)
                 if WebSocket.on_slow_consumer is not None:
                     WebSocket.on_slow_consumer()
-                self.closing = True
+                self._cut = True
                 self._later(self._slow_close)
                 return
             super().send(pkt)
@@ -215,7 +217,6 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             self.polling_now = False
 
     def _slow_close(self) -> None:
-        self.closing = False
         self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
     def handle_post_request(self, environ: dict[str, Any]) -> None:
@@ -469,8 +470,9 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         if sid is None:
             return self._open(environ, start_response, method, query, transport)
         socket = self.sockets.get(sid)
-        if socket is None or socket.closed:
-            self.sockets.pop(sid, None)
+        if not isinstance(socket, EngineSocket) or socket.closed:  # (a Server-Sent Events stream is none)
+            if socket is None or socket.closed:
+                self.sockets.pop(sid, None)
             return self._bad_request("Unknown or closed session.")
         if not socket.check_ping_timeout():
             # Overdue: its pong never came (the service task may not have seen it yet).

@@ -114,6 +114,10 @@ class Admission:
     kept: bool = False
     #: how many of its organization's latest events it asked for (capped)
     rewind: int = 0
+    #: a stream resuming after this position (Server-Sent Events' Last-Event-ID)
+    resume: int | None = None
+    #: set by admit: the resume was too old (the client must reload)
+    resync: bool = False
 
 
 class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
@@ -147,7 +151,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
 
     # --- connect and disconnect (called by realtime/server.py's _handle_connect)
 
-    def admission(self, environ: dict[str, Any], auth: Any, session_id: str = "-") -> Admission:
+    def admission(self, environ: dict[str, Any], auth: Any, session_id: str = "-", fresh: bool = False) -> Admission:
         """Check a CONNECT: who is it, may it listen, and can its session be recovered.
 
         A CONNECT that asks for recovery (a ``pid``) is checked against the
@@ -161,7 +165,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         recovering = self._recovery is not None and isinstance(auth, dict) and "pid" in auth
         try:
             creds = credentials.extract(auth, environ)
-            principal = self._checker.authorize(creds, address, fresh=recovering)
+            principal = self._checker.authorize(creds, address, fresh=recovering or fresh)
             if self._fanout.cursor() is None and self._fanout.first_cursor(self._first_read_wait) is None:
                 # This worker has not read the log yet: it cannot promise what follows.
                 raise Unavailable("this worker has not reached the bus yet")
@@ -244,9 +248,20 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         rooms = self._rooms_of(sid)
         for room in rooms:
             self.enter_room(sid, room)
-        rewinding = recovering is None and admission.rewind > 0
-        through = self._fanout.hold(sid) if recovering is not None or rewinding else self._fanout.cursor()
+        resuming = recovering is None and admission.resume is not None and self._recovery is not None
+        rewinding = recovering is None and not resuming and admission.rewind > 0
+        held = recovering is not None or rewinding or resuming
+        through = self._fanout.hold(sid) if held else self._fanout.cursor()
         missed: Replay | None = None
+        if resuming:
+            assert self._recovery is not None and admission.resume is not None
+            try:
+                events = self._recovery.missed(admission.resume, through or 0, rooms)
+            except Exception as exc:
+                log.info("reading the history failed (%s): resyncing", exc)
+                events = None
+            admission.resync = events is None
+            missed = (events, admission.resume, None) if events is not None else ([], 0, None)
         if rewinding:
             # A page that opens: the organization's latest events, after the ack, before any live one.
             missed = (self._latest(rooms, organization_room(principal.organization_id), admission.rewind,

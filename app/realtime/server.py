@@ -282,6 +282,24 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         log.info("closed %d sessions before stopping", len(sessions))
         return len(sessions)
 
+    def admit_stream(self, stream: Any, admission: Any) -> str:
+        """Admit a Server-Sent Events stream as a socket of "/" (``http/stream.py``); return its sid.
+
+        The stream is an Engine.IO session of its own kind in ``eio.sockets``,
+        so that fan-out, kicks, revocations, expiry, presence and the metrics
+        treat it as every other socket.
+        """
+        handler = self.namespace_handlers[NAMESPACE]
+        self.eio.sockets[stream.sid] = stream
+        sid = self.eio.generate_id()
+        self.manager.pre_connect_as(sid, stream.sid, NAMESPACE)
+        missed = handler.admit(sid, admission)
+        self.manager.connect(sid, NAMESPACE)
+        if admission.resync:
+            stream.resync()
+        handler.replay(sid, missed)
+        return str(sid)
+
     def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         """Admit a CONNECT to "/" (python-socketio's, in orgcast's order).
 
