@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None) -> Any:
     runtime.stoppers += [revalidator.stop, presence.stop, worker_stats.stop, cluster.stop, bus.stop,
                          lambda: log.batching(None)]
     if recovery is not None:
-        keeper = _Keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2,
+        keeper = _keeper(recovery, namespace.kept_sessions, settings.recovery_window / 2,
                          ready=lambda: bus.cursor is not None)
         runtime.starters.append(keeper.start)
         runtime.stoppers.append(keeper.stop)
@@ -276,35 +276,21 @@ def _build_sources(settings: Settings, publisher: Any, postgres: Any, bus: Any, 
         bus.signals.on_source = redis_source.handle
 
 
-class _Keeper:
+def _keeper(recovery: Any, sids: Callable[[], list[str]], every: float, ready: Callable[[], bool]) -> Any:
     """Fetch the recovery secret, then keep the organizations of live sessions for their recovery."""
+    import gevent
 
-    def __init__(self, recovery: Any, sids: Callable[[], list[str]], every: float,
-                 ready: Callable[[], bool]) -> None:
-        self._ready = ready
-        self._recovery = recovery
-        self._sids = sids
-        self._every = every
-        self._runner: Any = None
+    from app.realtime.background import Background
 
-    def start(self) -> None:
-        import gevent
+    class Keeper(Background):
+        def _run(self) -> None:
+            # Once the bus's listener has read the log (it made orgcast's schema, where the secret is).
+            while not ready() or not recovery.load_secret():
+                gevent.sleep(0.2)
+            while True:
+                gevent.sleep(every)
+                kept = sids()
+                if kept:
+                    recovery.keep(kept)
 
-        self._runner = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.kill(block=False)
-            self._runner = None
-
-    def _run(self) -> None:
-        import gevent
-
-        # Once the bus's listener has read the log (it made orgcast's schema, where the secret is).
-        while not self._ready() or not self._recovery.load_secret():
-            gevent.sleep(0.2)
-        while True:
-            gevent.sleep(self._every)
-            sids = self._sids()
-            if sids:
-                self._recovery.keep(sids)
+    return Keeper()

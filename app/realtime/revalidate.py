@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import gevent
 
 from app.errors import Unavailable
+from app.realtime.background import Background
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Sockets(Protocol):
     def token_gone(self, sid: str, code: str) -> None: ...
 
 
-class Revalidator:
+class Revalidator(Background):
     """This worker's periodic re-check of its sockets' rights."""
 
     def __init__(self, checker: Checker, sockets: Sockets, interval: float,
@@ -53,18 +54,11 @@ class Revalidator:
         self._sockets = sockets
         self._interval = interval
         self._observer = observer
-        self._runner: gevent.Greenlet | None = None
         #: statements of the last round, for the tests and the curious
         self.queries = 0
 
-    def start(self) -> None:
-        if self._interval > 0 and self._runner is None:
-            self._runner = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.kill(block=False)
-            self._runner = None
+    def _wanted(self) -> bool:
+        return self._interval > 0
 
     def _run(self) -> None:
         while True:

@@ -19,6 +19,8 @@ from typing import Any
 
 import gevent
 
+from app.realtime.background import Background
+
 SAMPLE_EVERY = 10.0
 #: ten minutes of samples
 SAMPLES = 60
@@ -27,7 +29,7 @@ PER_WORKER = 100
 TOP = 10
 
 
-class WorkerStats:
+class WorkerStats(Background):
     """This worker's answer to ``stats``."""
 
     def __init__(self, *, peer: str, sockets: Callable[[], int], organizations: Callable[[], dict[str, int]],
@@ -43,18 +45,8 @@ class WorkerStats:
         self._started = clock()
         #: (time, sockets, published, delivered) every SAMPLE_EVERY seconds
         self.samples: deque[tuple[float, int, int, int]] = deque(maxlen=SAMPLES)
-        self._runner: gevent.Greenlet | None = None
 
-    def start(self) -> None:
-        if self._runner is None:
-            self._runner = gevent.spawn(self._sample_forever)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.kill(block=False)
-            self._runner = None
-
-    def _sample_forever(self) -> None:
+    def _run(self) -> None:
         while True:
             now = self._clock()
             gevent.sleep(SAMPLE_EVERY - now % SAMPLE_EVERY)

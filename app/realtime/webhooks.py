@@ -46,6 +46,7 @@ import gevent.event
 
 from app.bus.envelope import Member
 from app.errors import Unavailable
+from app.realtime.background import Background
 from app.realtime.rooms import organization_room
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def signature(secret: str, body: bytes) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class Webhooks:
+class Webhooks(Background):
     """The leader's view of who is where, and the sender of the changes."""
 
     def __init__(self, url: str, key: str, secret: str, *, is_leader: Callable[[], bool], store: Pairs,
@@ -89,19 +90,9 @@ class Webhooks:
         self._members: dict[str, set[str]] | None = None
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = gevent.event.Event()
-        self._runner: gevent.Greenlet | None = None
         self._failing = False
         #: batches sent, and events dropped
         self.sent = self.dropped = 0
-
-    def start(self) -> None:
-        if self._runner is None:
-            self._runner = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.kill(block=False)
-            self._runner = None
 
     # --- the changes, in log order (the bus listener)
 
