@@ -261,10 +261,11 @@ class Chaos:
             return f"SIGTERM {held}: exited in {stopped:.1f} s, ready again {time.monotonic() - t:.1f} s after"
         if kind == "redis-restart":
             assert self.redis is not None
-            port = self.redis.port
-            self.redis.stop()
-            self.redis = ThrowawayRedis(port=port).start()
-            return f"redis-server on {port} stopped and started again (empty)"
+            port, persistent, root = self.redis.port, self.redis.persistent, self.redis.root
+            self.redis.stop(keep=persistent)
+            self.redis = ThrowawayRedis(port=port, persistent=persistent, root=root).start()
+            return (f"redis-server on {port} stopped and started again "
+                    f"({'with its append-only file' if persistent else 'empty'})")
         if kind == "pg-pause":
             self.pg.pause()
             try:
@@ -447,7 +448,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                    ORGCAST_AUTH_FAILURES="100000", ORGCAST_MAX_PENDING_PER_ADDRESS="100000",
                    ORGCAST_TRUSTED_PROXIES="127.0.0.1", ORGCAST_ACCESS_LOG="false")
         if args.bus == "redis":
-            redis = ThrowawayRedis().start()
+            # A Redis that carries a log keeps it (appendonly, fsync always) unless told otherwise:
+            # an empty one gives a new epoch, and every socket is told recovered: false.
+            redis = ThrowawayRedis(persistent=not args.redis_volatile).start()
             env["REDIS_URL"] = redis.url
         instances = [Instance(name, env, tmp) for name in ("a", "b")]
         for instance in instances:
@@ -513,6 +516,8 @@ def main() -> int:
     parser.add_argument("--fault-every", type=float, default=20.0, help="seconds between faults (default 20)")
     parser.add_argument("--output", type=Path, help="default bench/results/<date>-soak-<bus>.json")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary folder of the logs")
+    parser.add_argument("--redis-volatile", action="store_true",
+                        help="Redis without its append-only file: a restart loses the log (the epoch case)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="orgcast-soak-"))
     try:

@@ -645,6 +645,12 @@ def test_batch_body_without_events_is_400(client: Any, body: Any) -> None:
     assert_error(client.post("/api/v1/events", headers=AUTH, json=body), 400, "bad_request")
 
 
+def test_batch_at_the_size_limit_is_accepted(client: Any) -> None:
+    events = [{"organizationId": "org-a", "event": "news"}] * 1000
+    response = client.post("/api/v1/events", headers=AUTH, json={"events": events})
+    assert response.status_code == 202 and response.get_json()["count"] == 1000
+
+
 def test_batch_over_the_size_limit_is_400(client: Any) -> None:
     events = [{"organizationId": "org-a", "event": "news"}] * 1001
     assert_error(client.post("/api/v1/events", headers=AUTH, json={"events": events}), 400, "bad_request")

@@ -56,6 +56,11 @@ def test_a_rewind_larger_than_the_history_or_the_cap(server: Server, js_client: 
     client.next("connect")
     assert publish(server, org, "marker", "m").status_code == 202
     assert received(client, "marker") == values[-5:]  # ORGCAST_REWIND_MAX=5
+    at_the_cap = js_client(server.url, auth={"token": "tok-carol", "organizationId": org, "rewind": 5},
+                           transports=["websocket"])
+    at_the_cap.next("connect")
+    # Exactly at the cap (5): the 5 latest are the last 4 values and the first marker.
+    assert received(at_the_cap, "marker") == values[-4:]
 
 
 def test_subscribe_with_rewind_while_events_are_published(server: Server, js_client: Any) -> None:
