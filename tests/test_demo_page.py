@@ -165,7 +165,10 @@ EVENTS = "document.getElementById('events')"
 
 
 def test_demo_page_shows_events_as_they_arrive(browser: Browser, demo_server: Any) -> None:
+    # Published before the page opens: the page's rewind shows it (the latest 10 events).
+    assert publish(demo_server, "org-a", "news", {"headline": "before the page"}).status_code == 202
     page = browser.open(f"{demo_server.url}/demo#token=tok-alice&organizationId=org-a")
+    page.wait_until(f"{EVENTS}.textContent.includes('before the page')")
     page.wait_until(f"{STATUS}.className === 'ok'")
     assert page.evaluate(f"{STATUS}.textContent").startswith("Connected as socket ")
     assert page.evaluate("typeof io") == "function"  # the real client, served by /demo
@@ -175,9 +178,10 @@ def test_demo_page_shows_events_as_they_arrive(browser: Browser, demo_server: An
         assert response.status_code == 202
         page.wait_until(f"{EVENTS}.textContent.includes('browser check {n}')")
     items = page.evaluate(f"[...{EVENTS}.querySelectorAll('li pre')].map(e => e.textContent)")
-    # Newest first; each event's data as pretty JSON.
-    assert [json.loads(text) for text in items] == [{"headline": "browser check 2"},
-                                                    {"headline": "browser check 1"}]
+    # Newest first; each event's data as pretty JSON; below them, what the rewind showed.
+    assert [json.loads(text) for text in items[:3]] == [{"headline": "browser check 2"},
+                                                        {"headline": "browser check 1"},
+                                                        {"headline": "before the page"}]
 
     # An event for another organization never shows.
     assert publish(demo_server, "org-b", "news", {"headline": "not for org-a"}).status_code == 202
