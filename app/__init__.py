@@ -94,6 +94,9 @@ def create_app(settings: Settings | None = None) -> Any:
     sio = build_server(settings, RoomsManager(), timers)
     sio.on_pending_refused = metrics.pending_refused
     WebSocket.on_slow_consumer = metrics.slow_consumer
+    from app.serving import configure
+
+    configure(settings.max_payload, settings.send_buffer, settings.header_timeout, settings.body_timeout)
     fanout = Fanout(sio, on_forget=checker.forget_user, observer=metrics, offsets=settings.recovery)
     fanout.cursor = lambda: bus.cursor
     fanout.first_cursor = bus.wait_for_cursor

@@ -375,6 +375,19 @@ class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
         super().do_close(sock, *args)
 
 
+def configure(max_message: int, max_buffer: int, header_timeout: float, body_timeout: float) -> None:
+    """Apply the app's transport limits (``create_app`` calls it with its Settings, in the worker).
+
+    Class attributes, read by every handler and WebSocket of the process: the
+    worker used to read them from the environment itself, so that
+    ``create_app(settings)`` could not change them (issue 18).
+    """
+    WebSocket.max_message = max_message
+    WebSocket.max_buffer = max_buffer
+    OrgcastHandler.header_timeout = header_timeout
+    OrgcastHandler.body_timeout = body_timeout
+
+
 class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent pywsgi worker speaking WebSocket through OrgcastHandler."""
 
@@ -382,12 +395,7 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     server_class = OrgcastServer
 
     def init_process(self) -> None:
-        # gunicorn.conf.py validated the settings before any worker started.
-        settings = load_settings()
-        WebSocket.max_message = settings.max_payload
-        WebSocket.max_buffer = settings.send_buffer
-        OrgcastHandler.header_timeout = settings.header_timeout
-        OrgcastHandler.body_timeout = settings.body_timeout
+        # (The transport's limits come from the app's Settings: ``configure``, called by create_app.)
         # With several workers, accept one connection per wake-up (as gunicorn's
         # own gevent server does), so that a burst spreads over the workers.
         OrgcastServer.max_accept = 1 if self.cfg.workers > 1 else 100
