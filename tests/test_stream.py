@@ -204,3 +204,31 @@ def test_the_token_in_the_query_is_not_in_the_access_log(server: Server, streams
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert "tok-bob" not in server.output()
+
+
+def test_a_stream_resumes_on_another_worker_after_its_own_was_killed(postgres: Any, tmp_path: Any,
+                                                                     streams: Any) -> None:
+    import os
+    import re
+    import signal
+
+    server = start_gunicorn(base_env(postgres, ORGCAST_LOG_LEVEL="debug", WEB_CONCURRENCY="2"), tmp_path)
+    try:
+        stream = streams(server, "organizationId=org-a&token=tok-bob")
+        assert publish(server, "org-a", "news", "seen").status_code == 202
+        seen = stream.event()
+        deadline = time.monotonic() + 5
+        while not (found := re.findall(r"\[(\d+)\] \[DEBUG\] app\.http\.stream: event stream", server.output())):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(int(found[-1]), signal.SIGKILL)
+        with pytest.raises((EOFError, OSError)):
+            stream.event(timeout=10)
+        missed = [unique("killed") for _ in range(3)]
+        for value in missed:
+            assert publish(server, "org-a", "news", value).status_code == 202
+        again = streams(server, "organizationId=org-a&token=tok-bob", Last_Event_ID=seen["id"])
+        assert again.status == 200
+        assert [again.event()["data"] for _ in range(3)] == missed
+    finally:
+        server.stop()
