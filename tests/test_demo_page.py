@@ -237,3 +237,26 @@ def test_status_page_says_when_the_key_is_wrong(browser: Browser, demo_server: A
     status = page.wait_until(f"{STATUS}.className === 'err' && {STATUS}.textContent")
     assert status.startswith("Refused")
     page.screenshot("admin-refused")
+
+
+def test_a_browser_event_source_gets_the_stream_and_resumes(browser: Browser, demo_server: Any) -> None:
+    """A real EventSource (contract §4.2): events by name, ids, and after a drop the browser's
+    own Last-Event-ID resumes with what it missed, once."""
+    page = browser.open(f"{demo_server.url}/config")
+    page.evaluate("""(() => { window.got = []; window.opens = 0;
+      const source = new EventSource('/api/v1/stream?organizationId=org-a&token=tok-alice');
+      source.onopen = () => { window.opens += 1; };
+      source.addEventListener('news', (e) => window.got.push([e.lastEventId, JSON.parse(e.data)]));
+      window.source = source; return true; })()""")
+    page.wait_until("window.opens === 1")
+    assert publish(demo_server, "org-a", "news", {"n": 1}).status_code == 202
+    page.wait_until("window.got.length === 1")
+    first_id, data = page.evaluate("window.got[0]")
+    assert data == {"n": 1} and first_id.isdigit()
+    # The server ends the stream (a disconnect of the user); what is published meanwhile
+    # comes with the browser's reconnect, which sends Last-Event-ID by itself.
+    assert requests.post(f"{demo_server.url}/api/v1/users/alice/disconnect",
+                         headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).status_code == 202
+    assert publish(demo_server, "org-a", "news", {"n": 2}).status_code == 202
+    page.wait_until("window.opens === 2 && window.got.length === 2", timeout=15)
+    assert page.evaluate("window.got.map(g => g[1])") == [{"n": 1}, {"n": 2}]

@@ -110,7 +110,7 @@ class StreamSocket:
 
     def chunks(self, heartbeat: float, done: Callable[[], None]) -> Iterator[bytes]:
         try:
-            yield b": orgcast\n\n"
+            yield b": orgcast\nretry: 1000\n\n"  # (EventSource reconnects a second after a drop)
             while True:
                 try:
                     chunk = self.queue.get(timeout=heartbeat)
