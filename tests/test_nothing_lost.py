@@ -308,3 +308,27 @@ def test_a_member_removed_while_away_is_refused_despite_the_auth_cache(own_postg
         assert refused["type"] == "connect_error" and refused["data"] == {"code": "forbidden"}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("bus", ["postgres", "redis"])
+def test_two_hundred_rapid_publishes_reach_five_sockets_once_in_order(bus: str, postgres: Any, redis_server: Any,
+                                                                       tmp_path: Path, listen: Any) -> None:
+    env = base_env(postgres, ORGCAST_LOG_LEVEL="debug")
+    if bus == "redis":
+        env["REDIS_URL"] = redis_server.url
+    with running(env, tmp_path, [2]) as cluster:
+        sockets = [listener for listener, _, _ in cluster.spread(listen, BOB, per_worker=1)]
+        sockets += [listen(cluster.servers[0].url, auth=BOB) for _ in range(5 - len(sockets))]
+        session = requests.Session()
+        label = f"rapid-{bus}-{time.monotonic()}"
+        for n in range(200):
+            reply = session.post(f"{cluster.servers[0].url}/api/v1/organizations/org-a/events",
+                                 json={"event": "news", "data": {"label": label, "n": n}},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+            assert reply.status_code == 202
+        session.close()
+        assert publish(cluster.servers[0], "org-a", "marker", label).status_code == 202
+        for listener in sockets:
+            got = [data["n"] for name, data in listener.events_before("marker", label, timeout=20)
+                   if name == "news" and isinstance(data, dict) and data.get("label") == label]
+            assert got == list(range(200))
