@@ -368,11 +368,18 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         """The session ids whose organizations are kept for their recovery (to keep them longer)."""
         return [s.recovery_sid for s in self.sessions.values() if s.kept and s.recovery_sid]
 
-    def _keep(self, session: Session) -> None:
-        """Keep the session's organizations for its recovery (they changed)."""
+    def _keep(self, session: Session, later: bool = False) -> None:
+        """Keep the session's organizations for its recovery (they changed).
+
+        ``later``: in a greenlet of its own (a revocation runs in the bus
+        listener, which must not wait on the store).
+        """
         if self._recovery is not None and session.recovery_sid is not None:
             session.kept = True
-            self._recovery.save(session.recovery_sid, list(session.organizations))
+            if later:
+                gevent.spawn(self._recovery.save, session.recovery_sid, list(session.organizations))
+            else:
+                self._recovery.save(session.recovery_sid, list(session.organizations))
 
     @contextmanager
     def closing_all(self) -> Iterator[None]:
@@ -494,7 +501,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
             if not session.organizations:
                 gevent.spawn(self.server.disconnect, sid, namespace=self.namespace)
             else:
-                self._keep(session)
+                self._keep(session, later=True)
         if count and self._observer is not None:
             self._observer.revoked(code, count)
         return count
