@@ -176,3 +176,28 @@ def test_questions_asked_together_get_the_answers_asked_alone(store: Store) -> N
     assert together == [store.store.since_many([q])[0] for q in queries]
     values = [None if t is None else [json.loads(args)[1] for _, args, _ in t] for t in together]
     assert values == [["both", "a"], ["b", "a"], ["both", "b", "a"], [], [], None, ["both"]]
+
+
+def test_first_connects_at_once_all_get_the_one_secret(postgres: Any, schema: None) -> None:
+    """Workers starting together each ask for the recovery secret (issue 23's test of a slow reader
+    found the second one refused ``unavailable``): the ones that wait on another's new row must
+    read that row, not an empty snapshot."""
+    import gevent
+    import psycopg2
+
+    postgres.psql("DELETE FROM orgcast.secrets")
+    db = Database(postgres.dsn, pool_size=4, timeout=5)
+    first = psycopg2.connect(postgres.dsn)
+    try:
+        with first.cursor() as cur:  # another worker's insert, not committed yet
+            cur.execute("INSERT INTO orgcast.secrets VALUES ('recovery', %s)", ("ab" * 32,))
+        store = PostgresStore(db, WINDOW)
+        asking = [gevent.spawn(store.secret) for _ in range(3)]
+        gevent.sleep(0.3)  # (they now wait on that row's lock: nothing to wait on to know it)
+        assert not any(g.ready() for g in asking)
+        first.commit()
+        gevent.joinall(asking, timeout=5, raise_error=True)
+        assert [g.value for g in asking] == [bytes.fromhex("ab" * 32)] * 3
+    finally:
+        first.close()
+        db.close()
