@@ -74,8 +74,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two test processes by default (each starts its own Postgres, Redis and servers).
+PYTEST_WORKERS ?= 2
+
 pytest: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 # bench also builds shared/tools/loadgen-c (in a temporary folder) with gcc.
 bench: system-deps venv
