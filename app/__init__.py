@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.http.api import ServerApi
     from app.metrics import Metrics
     from app.publish.service import Publisher
+    from app.realtime.connection import Connection
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
     from app.realtime.presence import Presence
@@ -74,7 +75,6 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.realtime.server import RoomsManager, build_server, build_wsgi
     from app.realtime.stats import WorkerStats, summarize
     from app.realtime.timers import Timers
-    from app.realtime.websocket import WebSocket
 
     if settings is None:
         settings = load_settings()
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None) -> Any:
     timers = Timers()
     sio = build_server(settings, RoomsManager(), timers)
     sio.on_pending_refused = metrics.pending_refused
-    WebSocket.on_slow_consumer = metrics.slow_consumer
+    Connection.on_slow_consumer = metrics.slow_consumer
     from app.serving import configure
 
     configure(settings.max_payload, settings.send_buffer, settings.header_timeout, settings.body_timeout)
@@ -189,8 +189,8 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.http.stream import EventStreams
 
     trusted = parse_networks(settings.trusted_proxies)
-    streams = EventStreams(sio, api, heartbeat=settings.ping_interval, max_buffer=settings.send_buffer,
-                           offsets=settings.recovery, address_of=lambda environ: client_address(environ, trusted))
+    streams = EventStreams(sio, api, heartbeat=settings.ping_interval, offsets=settings.recovery,
+                           address_of=lambda environ: client_address(environ, trusted))
     wsgi = build_wsgi(sio, streams, settings)
     # Handles for gunicorn's hooks, tests and operators; not part of the WSGI protocol.
     wsgi.runtime = runtime  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +40,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIH
 from app.config import load_settings
 from app.errors import http_error
 from app.log import make_formatter, redact, setup_logging
+from app.realtime.connection import STREAM_KEY, Connection
 from app.realtime.websocket import (
     ACCEPT_KEY,
     WebSocket,
@@ -221,6 +223,8 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
                 self._answer_json(400, "bad_request", problem)
                 return None
             self.environ[ACCEPT_KEY] = self._accept_websocket
+        elif self.environ.get("REQUEST_METHOD") == "GET":
+            self.environ[STREAM_KEY] = self._accept_stream
         # pywsgi's own run_application: the application decides (Engine.IO
         # upgrades through ACCEPT_KEY when it accepts the session).
         return pywsgi.WSGIHandler.run_application(self)
@@ -238,13 +242,28 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         # access-log line needs. The environ is cleared in place, since the
         # frames of the WSGI call below hold it too; the request's buffered
         # reader (and its 8 KiB buffer) goes: frames are read from the socket.
+        self._keep_for_access_log()
+        return WebSocket(self.socket, owner=self)
+
+    def _keep_for_access_log(self) -> None:
         kept = {key: self.environ[key] for key in _ACCESS_LOG_KEYS if key in self.environ}
         self.environ.clear()
         self.environ.update(kept)
         self.headers: Any = {}
         self.response_headers: list[Any] = []
         self.rfile.close()
-        return WebSocket(self.socket, owner=self)
+
+    def _accept_stream(self, status: str, headers: list[tuple[str, str]], first: bytes,
+                       kind: Callable[[Any, Any, bool], Connection]) -> Connection:
+        """Answer ``status`` with a body that never ends here: headers and ``first`` now; return
+        ``kind(socket, self, chunked)``, which writes the rest itself (``http/stream.py``)."""
+        self.close_connection = True
+        self.start_response(status, headers)
+        self.write(first)  # pywsgi chose chunked for an HTTP/1.1 body of no length
+        chunked = bool(self.response_use_chunked)
+        self.response_use_chunked = False  # the body's end is the stream's, not the request's
+        self._keep_for_access_log()
+        return kind(self.socket, self, chunked)
 
     def hand_over(self, sock: Any) -> Any:
         """Let go of a WebSocket's socket (its watcher reads it now); return what frees its slot."""
@@ -378,12 +397,12 @@ class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
 def configure(max_message: int, max_buffer: int, header_timeout: float, body_timeout: float) -> None:
     """Apply the app's transport limits (``create_app`` calls it with its Settings, in the worker).
 
-    Class attributes, read by every handler and WebSocket of the process: the
+    Class attributes, read by every handler and connection of the process: the
     worker used to read them from the environment itself, so that
     ``create_app(settings)`` could not change them (issue 18).
     """
     WebSocket.max_message = max_message
-    WebSocket.max_buffer = max_buffer
+    Connection.max_buffer = max_buffer  # WebSockets and event streams
     OrgcastHandler.header_timeout = header_timeout
     OrgcastHandler.body_timeout = body_timeout
 

@@ -65,7 +65,7 @@ LAYERS = {
     "app.realtime.websocket": "edge", "app.realtime.fanout": "edge", "app.realtime.timers": "edge",
     "app.realtime.expiry": "edge", "app.realtime.recovery": "edge", "app.realtime.stats": "edge",
     "app.realtime.presence": "edge", "app.realtime.revalidate": "edge", "app.realtime.webhooks": "edge",
-    "app.realtime.background": "edge",
+    "app.realtime.background": "edge", "app.realtime.connection": "edge",
     "app.publish.pg_notify": "edge", "app.publish.redis_emitter": "edge", "app.publish.emitters": "edge",
     "app.auth.checker": "service", "app.publish.service": "service",
     "app.db": "data", "app.auth.store": "data", "app.auth.ratelimit": "data", "app.bus": "data",

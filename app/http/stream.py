@@ -14,24 +14,26 @@ an older one gets ``event: resync`` first. ``?rewind=N`` as on connect. A
 comment line goes out at least every ``ORGCAST_PING_INTERVAL``; a reader that
 lets ``ORGCAST_SEND_BUFFER`` bytes wait is dropped, as on WebSocket.
 
-The stream's request keeps its greenlet while it lasts (gevent's pywsgi
-writes what the response iterator yields): a stream costs more memory than
-an idle WebSocket (bench/README.md).
+Once its headers are out, a stream keeps no greenlet: fan-out writes its
+chunks straight to the socket (``EventStream``, the same writer as an
+adopted WebSocket's), a watcher in the hub notices the client leaving, and
+heartbeats are entries in the worker's timer heap (bench/sse.py measures
+what a stream costs beside a Socket.IO socket).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
-import gevent.queue
 import socketio
 
 from app.errors import REFUSALS, http_error
+from app.realtime.connection import CLOSE_NORMAL, STREAM_KEY, Connection
 
 log = logging.getLogger(__name__)
 
@@ -44,61 +46,116 @@ STATUS = {"token_missing": 401, "token_invalid": 401, "token_expired": 401, "for
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
+class EventStream(Connection):
+    """The response of one stream once its headers are out: chunks written straight to the socket.
+
+    Like an adopted WebSocket (``realtime/connection.py``), it keeps no
+    greenlet: what the client sends after its request is read and dropped
+    by a watcher in the hub, and its end (or an error) ends the stream.
+    """
+
+    __slots__ = ("chunked",)
+    kind = "an event stream"
+
+    def __init__(self, sock: Any, owner: Any, chunked: bool) -> None:
+        super().__init__(sock, owner)
+        #: HTTP/1.1 bodies without a length are chunked (pywsgi chose it for the headers)
+        self.chunked = chunked
+
+    def write(self, data: bytes) -> bool:
+        return self.send_bytes(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def _readable(self) -> None:
+        try:
+            chunk = self.sock._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.abort()
+
+    def finish(self) -> None:
+        """End the body (its last chunk, when nothing else waits) and close the connection."""
+        if self.closed:
+            return
+        if self.chunked and not self.backlog:
+            try:
+                self.sock._sock.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # gone, or not reading: nothing more to tell it
+        self._shutdown(CLOSE_NORMAL)
+
+
 class StreamSocket:
     """One Server-Sent Events stream, as an Engine.IO session of its own kind."""
 
     ws = None
     upgrading = False
 
-    def __init__(self, sid: str, max_buffer: int, offsets: bool) -> None:
+    def __init__(self, sid: str, offsets: bool, timers: Any, heartbeat: float) -> None:
         self.sid = sid
         self.closed = False
         self.closing = False
         self.gate: Any = None
         self._offsets = offsets
-        self._max = max_buffer
-        self.queued_bytes = 0
-        self.queue: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
+        self._timers = timers
+        self._heartbeat = heartbeat
+        #: the response, once ``start`` has written its headers
+        self.conn: EventStream | None = None
+        #: called once when the stream has ended (``EventStreams``: the socket leaves)
+        self.on_end: Callable[[], None] | None = None
+
+    def start(self, conn: EventStream) -> None:
+        self.conn = conn
+        conn.on_close = self._ended
+        self._timers.call_later(self._heartbeat, self._beat)
 
     # --- what fan-out and python-socketio call
 
     def send(self, pkt: Any) -> None:
-        data = pkt.data
-        if self.closed or not isinstance(data, str):
+        if self.closed:
             return
-        if data.startswith("1"):  # Socket.IO DISCONNECT of "/": the server ended this socket
+        # One broadcast's packet is the same object for every recipient: its
+        # event is turned into SSE once (in the worker, offsets are on or off for all).
+        chunk = getattr(pkt, "sse", None)
+        if chunk is None:
+            chunk = _chunk_of(pkt.data, self._offsets)
+            try:
+                pkt.sse = chunk
+            except AttributeError:
+                pass
+        if chunk is _END:
             self.close()
-            return
-        if not data.startswith("2"):
-            return
-        try:
-            args = json.loads(data[1:])
-        except ValueError:
-            return
-        if not isinstance(args, list) or not args:
-            return
-        position = None
-        if self._offsets and len(args) >= 3 and isinstance(args[-1], str) and args[-1].isdigit():
-            position, args = args[-1], args[:-1]
-        values = args[1:]
-        value = values[0] if len(values) == 1 else values
-        self._put(_event(str(args[0]), value, position))
+        elif chunk:
+            self._write(chunk)
 
     def resync(self) -> None:
-        self._put(_event("resync", {}, None))
+        self._write(_event("resync", {}, None))
 
-    def _put(self, chunk: bytes) -> None:
-        self.queued_bytes += len(chunk)
-        if self.queued_bytes > self._max:
-            log.warning("closing an event stream that does not read: %d bytes queued", self.queued_bytes)
+    def _write(self, chunk: bytes) -> None:
+        conn = self.conn
+        if conn is not None and not conn.write(chunk):
             self.close()
-            return
-        self.queue.put(chunk)
+
+    def _beat(self) -> None:
+        # (A timer callback: it writes without waiting, and re-arms.)
+        if not self.closed and self.conn is not None:
+            self._write(b": ping\n\n")
+            self._timers.call_later(self._heartbeat, self._beat)
 
     def close(self, wait: bool = False, abort: bool = False, reason: Any = None) -> None:
         if not self.closed:
             self.closed = True
-            self.queue.put(None)
+            if self.conn is not None:
+                self.conn.finish()
+
+    def _ended(self, code: int) -> None:
+        self.closed = True
+        end, self.on_end = self.on_end, None
+        if end is not None:
+            # (Called in the hub or in fan-out's greenlet: the disconnect handlers may wait.)
+            gevent.spawn(end)
 
     def check_ping_timeout(self) -> bool:
         return True
@@ -106,24 +163,31 @@ class StreamSocket:
     def _later(self, call: Any, *args: Any) -> None:
         gevent.spawn(call, *args)
 
-    # --- what the response writes
 
-    def chunks(self, heartbeat: float, done: Callable[[], None]) -> Iterator[bytes]:
-        try:
-            yield b": orgcast\nretry: 1000\n\n"  # (EventSource reconnects a second after a drop)
-            while True:
-                try:
-                    chunk = self.queue.get(timeout=heartbeat)
-                except gevent.queue.Empty:
-                    yield b": ping\n\n"
-                    continue
-                if chunk is None:
-                    return
-                self.queued_bytes -= len(chunk)
-                yield chunk
-        finally:
-            self.closed = True
-            done()
+#: what ``_chunk_of`` returns for the Socket.IO DISCONNECT of "/": the server ended the socket
+_END = b"end"
+
+
+def _chunk_of(data: Any, offsets: bool) -> bytes:
+    """The SSE text of an Engine.IO message's Socket.IO packet (b"" for what a stream does not carry)."""
+    if not isinstance(data, str):
+        return b""
+    if data.startswith("1"):
+        return _END
+    if not data.startswith("2"):
+        return b""
+    try:
+        args = json.loads(data[1:])
+    except ValueError:
+        return b""
+    if not isinstance(args, list) or not args:
+        return b""
+    position = None
+    if offsets and len(args) >= 3 and isinstance(args[-1], str) and args[-1].isdigit():
+        position, args = args[-1], args[:-1]
+    values = args[1:]
+    value = values[0] if len(values) == 1 else values
+    return _event(str(args[0]), value, position)
 
 
 def _event(name: str, value: Any, position: str | None) -> bytes:
@@ -136,12 +200,11 @@ def _event(name: str, value: Any, position: str | None) -> bytes:
 class EventStreams:
     """The ``/api/v1/stream`` route, in front of ``app``."""
 
-    def __init__(self, sio: Any, app: WSGIApp, *, heartbeat: float, max_buffer: int, offsets: bool,
+    def __init__(self, sio: Any, app: WSGIApp, *, heartbeat: float, offsets: bool,
                  address_of: Callable[[dict[str, Any]], str]) -> None:
         self._sio = sio
         self._app = app
         self._heartbeat = heartbeat
-        self._max = max_buffer
         self._offsets = offsets
         self._address_of = address_of
 
@@ -150,6 +213,9 @@ class EventStreams:
             return self._app(environ, start_response)
         if environ.get("REQUEST_METHOD") != "GET":
             return _json(start_response, 405, "method_not_allowed", None, [("Allow", "GET")])
+        accept = environ.get(STREAM_KEY)
+        if accept is None:  # not under orgcast's worker (gunicorn.conf.py's worker_class)
+            return _json(start_response, 503, "unavailable", "Event streams need orgcast's gunicorn worker.")
         query = parse_qs(environ.get("QUERY_STRING", ""))
         auth: dict[str, Any] = {}
         rewind = query.get("rewind", [None])[0]
@@ -161,7 +227,7 @@ class EventStreams:
         check = {"QUERY_STRING": environ.get("QUERY_STRING", ""), "HTTP_AUTHORIZATION":
                  environ.get("HTTP_AUTHORIZATION", ""), "REMOTE_ADDR": environ.get("REMOTE_ADDR", ""),
                  "orgcast.address": self._address_of(environ)}
-        stream = StreamSocket(self._sio.eio.generate_id(), self._max, self._offsets)
+        stream = StreamSocket(self._sio.eio.generate_id(), self._offsets, self._sio.eio.timers, self._heartbeat)
         try:
             # (A resume asks the database past the auth cache, as a recovery does.)
             admission = namespace.admission(check, auth or None, stream.sid, fresh=resume is not None)
@@ -169,17 +235,29 @@ class EventStreams:
             code = (exc.error_args.get("data") or {}).get("code", "unavailable")
             return _json(start_response, STATUS.get(code, 400), code, exc.error_args.get("message"))
         admission.resume = resume
-        sid = self._sio.admit_stream(stream, admission)
+        # The headers and a first comment go out now; from here on the stream is
+        # written to directly, and this request's greenlet ends (``EventStream``).
+        conn: EventStream = accept("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                                              ("X-Accel-Buffering", "no")],
+                                   b": orgcast\nretry: 1000\n\n",  # (EventSource retries a second after a drop)
+                                   EventStream)
+        stream.start(conn)
+        conn.adopt()
 
         def done() -> None:
             if self._sio.eio.sockets.get(stream.sid) is stream:
                 del self._sio.eio.sockets[stream.sid]
                 self._sio._handle_eio_disconnect(stream.sid, "transport close")
 
+        stream.on_end = done
+        try:
+            sid = self._sio.admit_stream(stream, admission)
+        except Exception:
+            log.exception("admitting an event stream failed")
+            stream.close()
+            return []
         log.debug("event stream %s admitted as socket %s", stream.sid, sid)
-        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                                  ("X-Accel-Buffering", "no")])
-        return stream.chunks(self._heartbeat, done)
+        return []
 
 
 def _json(start_response: Callable[..., Any], status: int, code: str, message: str | None,

@@ -51,6 +51,7 @@ from engineio import socket as eio_socket
 
 from app import process
 from app.errors import http_error
+from app.realtime.connection import Connection
 from app.realtime.timers import Timers
 from app.realtime.websocket import ACCEPT_KEY, WebSocket, encode_frame
 
@@ -181,12 +182,12 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             if self.closed or self._cut:
                 return  # (closing still sends its CLOSE packet: python-engineio's close does)
             self.queued_bytes += _size(pkt)
-            if self.queued_bytes > WebSocket.max_buffer:
+            if self.queued_bytes > Connection.max_buffer:
                 # The bound of a WebSocket's send buffer, for polling too: a client that
                 # answers pings and never fetches would hold every event (issue 17).
                 log.warning("closing a polling session that does not fetch: %d bytes queued", self.queued_bytes)
-                if WebSocket.on_slow_consumer is not None:
-                    WebSocket.on_slow_consumer()
+                if Connection.on_slow_consumer is not None:
+                    Connection.on_slow_consumer()
                 self._cut = True
                 self._later(self._slow_close)
                 return

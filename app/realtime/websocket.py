@@ -42,14 +42,14 @@ import hashlib
 import logging
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.socket import wait_write
 from geventwebsocket.exceptions import ProtocolError
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
+
+from app.realtime.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ OPCODE_PONG = 0x0A
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-CLOSE_ABNORMAL = 1006
 
 _is_valid_close_code = _GeventWebSocket._is_valid_close_code
 
@@ -136,46 +134,26 @@ class _Closed(Exception):
     """The connection was closed while parsing (the close frame is answered)."""
 
 
-class WebSocket:
+class WebSocket(Connection):
     """One server-side WebSocket connection: frames in, frames out."""
 
-    __slots__ = ("sock", "owner", "closed", "buffer", "fragments", "fragments_size", "fragments_opcode",
-                 "backlog", "backlog_bytes", "flusher", "watcher", "on_message", "on_close", "release",
-                 "lingering")
+    __slots__ = ("buffer", "fragments", "fragments_size", "fragments_opcode", "on_message")
 
     #: set from ORGCAST_MAX_PAYLOAD when the worker starts
     max_message: int = 1048576
-    #: set from ORGCAST_SEND_BUFFER when the worker starts
-    max_buffer: int = 4 * 1048576
-    #: seconds the flusher waits for a peer to take more bytes before giving up
-    write_timeout: float = 30.0
-    #: called for each peer cut off for not reading (set by create_app: the metrics)
-    on_slow_consumer: Callable[[], None] | None = None
     #: seconds a closed connection waits for the peer's own close before it is dropped
     linger: float = 1.0
+    kind = "a websocket"
 
     def __init__(self, sock: Any, owner: Any = None) -> None:
-        self.sock = sock
-        #: the request handler that accepted it, until ``adopt``: its ``hand_over(sock)``
-        #: makes it let go of the socket and returns a callable that frees the slot
-        self.owner = owner
-        self.closed = False
+        super().__init__(sock, owner)
         #: bytes received and not yet parsed (empty between messages)
         self.buffer = b""
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
         self.fragments_opcode = 0
-        self.backlog: deque[bytes] | None = None
-        self.backlog_bytes = 0
-        self.flusher: Any = None
-        self.watcher: Any = None
-        #: after a close of ours: the timer that drops the connection if the peer does not
-        self.lingering: Any = None
         #: after ``adopt``: called, in the hub, with each message (str or bytes)
         self.on_message: Callable[[Any], None] | None = None
-        #: called once, with the close code, when the connection is closed
-        self.on_close: Callable[[int], None] | None = None
-        self.release: Callable[[], None] | None = None
 
     # --- reading: one parser, fed by a blocking loop or by a read watcher
 
@@ -204,20 +182,15 @@ class WebSocket:
             self.buffer += chunk
         return None
 
-    def adopt(self, on_message: Callable[[Any], None]) -> bool:
-        """Take the socket from the request's greenlet: read it with a watcher from now on.
+    def adopt(self, on_message: Callable[[Any], None]) -> bool:  # type: ignore[override]
+        """Read with a watcher from now on, handing each message to ``on_message`` (in the hub).
 
-        The request handler (``app/serving.py``) then neither closes the socket
-        when the request ends nor stops counting it as a connection. Return
-        False, and keep reading with ``receive()``, when there is no such handler.
+        Return False, and keep reading with ``receive()``, when there is no
+        request handler to take the socket from (``Connection.adopt``).
         """
-        owner, self.owner = self.owner, None
-        if owner is None or self.closed:
+        if not super().adopt():
             return False
-        self.release = owner.hand_over(self.sock)
         self.on_message = on_message
-        self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
-        self.watcher.start(self._readable)
         if self.buffer:  # bytes that arrived with the last blocking read
             gevent.get_hub().loop.run_callback(self._parse_buffered)
         return True
@@ -342,70 +315,8 @@ class WebSocket:
         else:
             self.send_frame_bytes(encode_frame(bytes(message), OPCODE_BINARY))
 
-    def send_frame_bytes(self, frame: bytes) -> bool:
-        """Queue a complete frame for the peer; return False if the socket is gone.
-
-        Never blocks: what the kernel does not take now waits in a bounded
-        backlog that a short-lived greenlet flushes in order.
-        """
-        if self.closed:
-            return False
-        if self.backlog:
-            return self._enqueue(frame)
-        try:
-            sent = self.sock._sock.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
-            return False
-        if sent < len(frame):
-            return self._enqueue(frame[sent:])
-        return True
-
-    def _enqueue(self, data: bytes) -> bool:
-        if self.backlog_bytes + len(data) > self.max_buffer:
-            log.warning("closing a websocket that does not read: %d bytes queued", self.backlog_bytes)
-            self.slow_consumer_closed()
-            self.abort(CLOSE_POLICY)
-            return False
-        if self.backlog is None:
-            self.backlog = deque()
-        self.backlog.append(data)
-        self.backlog_bytes += len(data)
-        if self.flusher is None:
-            self.flusher = gevent.spawn(self._flush)
-        return True
-
-    def _flush(self) -> None:
-        try:
-            while self.backlog and not self.closed:
-                wait_write(self.sock.fileno(), timeout=self.write_timeout,
-                           timeout_exc=TimeoutError("peer does not read"))
-                backlog = self.backlog
-                if self.closed or not backlog:
-                    return  # closed while waiting (the close dropped the backlog)
-                data = backlog[0]
-                try:
-                    sent = self.sock._sock.send(data)
-                except BlockingIOError:
-                    continue
-                self.backlog_bytes -= sent
-                if sent < len(data):
-                    backlog[0] = data[sent:]
-                else:
-                    backlog.popleft()
-        except (OSError, ValueError):  # gone, or timed out (TimeoutError is an OSError)
-            self.abort()
-        finally:
-            self.flusher = None
-            if not self.backlog:
-                self.backlog = None
-
-    def slow_consumer_closed(self) -> None:
-        """A peer was cut off for not reading: tell the metrics."""
-        if WebSocket.on_slow_consumer is not None:
-            WebSocket.on_slow_consumer()
+    #: queue a complete frame for the peer (never blocks; False if the socket is gone)
+    send_frame_bytes = Connection.send_bytes
 
     # --- closing
 
@@ -443,11 +354,6 @@ class WebSocket:
             return
         self._shutdown(code)
 
-    def abort(self, code: int = CLOSE_ABNORMAL) -> None:
-        """Drop the connection at once, without a close frame."""
-        if not self.closed:
-            self._shutdown(code)
-
     def _peer_closed(self, payload: bytes) -> None:
         # The peer's close: answer with the same code when it is valid.
         code = CLOSE_NORMAL
@@ -469,47 +375,14 @@ class WebSocket:
             pass
         self._drop()
 
-    def _shutdown(self, code: int) -> None:
-        self._end_session()
-        self._drop()
-        self._closed_callback(code)
-
     def _end_session(self) -> None:
-        self.closed = True
-        self.backlog = None
-        self.backlog_bytes = 0
+        super()._end_session()
         self.buffer = b""
         self.fragments = None
-        flusher, self.flusher = self.flusher, None
-        if flusher is not None and flusher is not gevent.getcurrent():
-            flusher.kill(block=False)
-
-    def _drop(self) -> None:
-        """Close the TCP connection and free its slot (once)."""
-        lingering, self.lingering = self.lingering, None
-        if lingering is not None:
-            lingering.stop()
-            lingering.close()
-        try:
-            # Wakes a greenlet blocked reading this socket: it sees EOF and ends.
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already gone
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            # Adopted: nobody else will close it; free its slot.
-            watcher.stop()
-            watcher.close()
-            self.sock.close()
-        release, self.release = self.release, None
-        if release is not None:
-            release()
 
     def _closed_callback(self, code: int) -> None:
-        callback, self.on_close = self.on_close, None
         self.on_message = None
-        if callback is not None:
-            callback(code)
+        super()._closed_callback(code)
 
 
 class _InvalidText(ProtocolError):  # type: ignore[misc]
