@@ -98,6 +98,17 @@ function upgradeRequest(port) {
     + 'Sec-WebSocket-Version: 13\r\n\r\n');
 }
 
+// config.transport "sse": the same clients as Server-Sent Events streams
+// (GET /api/v1/stream, the token in a Bearer header): connected once the
+// 200's headers and the stream's first comment arrived; heartbeats counted
+// as pings; nothing is answered.
+const SSE = cfg.transport === 'sse';
+
+function streamRequest(port, user, org) {
+  return Buffer.from(`GET /api/v1/stream?organizationId=${org} HTTP/1.1\r\nHost: ${HOST}:${port}\r\n`
+    + `Authorization: Bearer ${tokenOf(user)}\r\nAccept: text/event-stream\r\n\r\n`);
+}
+
 // A masked client frame. The mask key is zero: a valid key that leaves the
 // payload as it is (the server cannot tell; masking protects proxies we do
 // not have).
@@ -156,7 +167,8 @@ class Client {
       const sock = net.connect({ host: HOST, port: this.port });
       this.sock = sock;
       sock.setNoDelay(true);
-      sock.on('connect', () => sock.write(upgradeRequest(this.port)));
+      sock.on('connect', () => sock.write(SSE ? streamRequest(this.port, this.user, this.org)
+        : upgradeRequest(this.port)));
       sock.on('data', (chunk) => this.onData(chunk));
       sock.on('error', (e) => this.fail('sock_error:' + (e.code || 'unknown')));
       sock.on('close', () => this.fail('closed'));
@@ -187,7 +199,31 @@ class Client {
     if (this.sock) this.sock.write(clientFrame(1, Buffer.from(text)));
   }
 
+  onStreamData(chunk) {
+    if (!this.handshaking) {
+      for (let i = chunk.indexOf(': ping'); i >= 0; i = chunk.indexOf(': ping', i + 1)) this.pings++;
+      return;
+    }
+    const buf = this.pending ? Buffer.concat([this.pending, chunk]) : chunk;
+    this.pending = null;
+    const end = buf.indexOf(HEADERS_END);
+    if (end < 0 || buf.indexOf(': orgcast', end) < 0) {
+      if (buf.length > 8192) this.fail('bad_handshake');
+      else this.pending = buf;
+      return;
+    }
+    const head = buf.toString('latin1', 0, end);
+    if (!head.startsWith('HTTP/1.1 200')) {
+      this.fail('refused:' + head.split('\r\n', 1)[0].slice(0, 60));
+      return;
+    }
+    this.handshaking = false;
+    this.connected = true;
+    if (this.done) this.done(true, null);
+  }
+
   onData(chunk) {
+    if (SSE) return this.onStreamData(chunk);
     let buf = this.pending ? Buffer.concat([this.pending, chunk]) : chunk;
     this.pending = null;
     let off = 0;

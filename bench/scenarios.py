@@ -171,15 +171,16 @@ def fanout_metrics(spec: Fanout, r: dict[str, Any]) -> tuple[dict[str, float | N
 # --- connects, memory, idle (loadgen.js) -----------------------------------------------
 
 
-def run_sockets(server: Server, pid: int, ctx: Context) -> dict[str, Any]:
+def run_sockets(server: Server, pid: int, ctx: Context, transport: str = "websocket") -> dict[str, Any]:
     """Connect ``connects`` clients (timed), then more up to ``idle_total``, all idle.
 
     RSS of the server process before, after the first stage and after the
-    second; then its CPU over ``idle_seconds`` with only Engine.IO pings.
+    second; then its CPU over ``idle_seconds`` with only Engine.IO pings (or,
+    with ``transport="sse"``, event streams and their heartbeats; bench/sse.py).
     """
     sizes, core = ctx.sizes, ctx.lg_core
     result: dict[str, Any] = {}
-    base = {"port": server.port, "orgs": 1, "concurrency": ctx.args.concurrency}
+    base = {"port": server.port, "orgs": 1, "concurrency": ctx.args.concurrency, "transport": transport}
 
     # Warm-up: a few connections of users outside the measured range, so
     # first-use allocations are not charged to the measurements.
