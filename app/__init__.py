@@ -66,15 +66,15 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.http.api import ServerApi
     from app.metrics import Metrics
     from app.publish.service import Publisher
-    from app.realtime.connection import Connection
     from app.realtime.fanout import Fanout
     from app.realtime.namespace import OrgcastNamespace
     from app.realtime.presence import Presence
     from app.realtime.recovery import Recovery
     from app.realtime.revalidate import Revalidator
-    from app.realtime.server import RoomsManager, build_server, build_wsgi
     from app.realtime.stats import WorkerStats, summarize
-    from app.realtime.timers import Timers
+    from app.timers import Timers
+    from app.transport.connection import Connection
+    from app.transport.server import RoomsManager, build_server, build_wsgi
 
     if settings is None:
         settings = load_settings()

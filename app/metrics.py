@@ -181,7 +181,7 @@ class Metrics:
     def pending_refused(self) -> None:
         self.rate_limited.labels("pending_sessions").inc()
 
-    # --- publishing and delivery (publish/service.py, realtime/fanout.py, realtime/websocket.py)
+    # --- publishing and delivery (publish/service.py, realtime/fanout.py, transport/websocket.py)
 
     def published(self, source: str, count: int = 1) -> None:
         self.events_published.labels(source if source in SOURCES else "other").inc(count)

@@ -7,7 +7,7 @@ GeventWebSocketWorker`` as it is:
   request logger, which writes the whole request line, ``?token=`` included;
   ours logs through gunicorn's access logger, which redacts;
 - it upgrades a WebSocket request before the application has looked at
-  it; ours leaves the upgrade to Engine.IO (``realtime/websocket.py`` has
+  it; ours leaves the upgrade to Engine.IO (``transport/websocket.py`` has
   the frame code and says what it changes);
 - gevent's pywsgi waits for ever for request headers and bodies, keeps
   reading a body the application never wanted, and leaves ``Connection:
@@ -40,8 +40,8 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventResponse, PyWSGIH
 from app.config import load_settings
 from app.errors import http_error
 from app.log import make_formatter, redact, setup_logging
-from app.realtime.connection import STREAM_KEY, Connection
-from app.realtime.websocket import (
+from app.transport.connection import STREAM_KEY, Connection
+from app.transport.websocket import (
     ACCEPT_KEY,
     WebSocket,
     accept_headers,
@@ -356,7 +356,7 @@ def _print_exception(context: Any, type_: Any, value: Any, tb: Any) -> None:
 class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
     """gunicorn's pywsgi server, counting the WebSockets its handlers handed over.
 
-    A WebSocket outlives its request's greenlet (``realtime/websocket.py``:
+    A WebSocket outlives its request's greenlet (``transport/websocket.py``:
     ``adopt``): the server must not close its socket when the request ends,
     and must still count it against ``worker_connections``.
     """

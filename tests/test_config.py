@@ -302,9 +302,9 @@ def test_gunicorn_raises_a_low_open_file_limit(postgres: Any, tmp_path: Path) ->
 def test_the_settings_given_to_create_app_set_the_transport_s_limits(postgres: Any) -> None:
     """One Settings, passed down (issue 18): the worker no longer reads the environment again."""
     from app import create_app
-    from app.realtime.connection import Connection
-    from app.realtime.websocket import WebSocket
     from app.serving import OrgcastHandler
+    from app.transport.connection import Connection
+    from app.transport.websocket import WebSocket
 
     settings = load_settings(base_env(postgres, ORGCAST_SEND_BUFFER="12345", ORGCAST_MAX_PAYLOAD="2345",
                                       ORGCAST_HEADER_TIMEOUT="7", ORGCAST_BODY_TIMEOUT="3"))

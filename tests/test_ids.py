@@ -1,4 +1,4 @@
-"""Engine.IO session ids (app/realtime/engine.py's generate_id: python-engineio's
+"""Engine.IO session ids (app/transport/engine.py's generate_id: python-engineio's
 format, unique, never shared by a forked process) and app/process.py's cached id."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import base64
 import os
 import re
 
-from app.realtime.engine import EngineServer
+from app.transport.engine import EngineServer
 
 ID = re.compile(r"[A-Za-z0-9_-]{20}")
 

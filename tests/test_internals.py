@@ -19,18 +19,18 @@ CLASS_NAMES: list[tuple[str, str, tuple[str, ...], str]] = [
         "_bad_request", "_ok", "_handle_connect", "_cors_allowed_origins", "_cors_headers",
         "_trigger_event", "_service_task", "_upgrades", "_gzip", "_deflate", "compression_methods",
         "generate_id", "get_queue_empty_exception", "handle_request", "disconnect", "reason",
-        "start_background_task"), "app/realtime/engine.py"),
+        "start_background_task"), "app/transport/engine.py"),
     ("engineio.socket", "Socket", (
         "poll", "send", "receive", "close", "handle_get_request", "handle_post_request",
         "_upgrade_websocket", "_websocket_handler", "schedule_ping", "check_ping_timeout",
-        "upgrade_protocols"), "app/realtime/engine.py"),
+        "upgrade_protocols"), "app/transport/engine.py"),
     ("socketio", "Server", (
         "_engineio_server_class", "_handle_eio_connect", "_handle_eio_message",
         "_handle_eio_disconnect", "_handle_connect", "_handle_disconnect", "_handle_event",
-        "_handle_ack", "_send_packet", "disconnect", "emit", "enter_room"), "app/realtime/server.py"),
+        "_handle_ack", "_send_packet", "disconnect", "emit", "enter_room"), "app/transport/server.py"),
     ("socketio", "Manager", (
         "sid_from_eio_sid", "eio_sid_from_sid", "get_participants", "is_connected", "pre_connect"),
-     "app/realtime/server.py, app/realtime/fanout.py"),
+     "app/transport/server.py, app/realtime/fanout.py"),
     ("socketio", "Namespace", ("trigger_event", "enter_room"), "app/realtime/namespace.py"),
     ("gevent.pywsgi", "WSGIHandler", (
         "handle_one_request", "read_request", "handle_one_response", "start_response",
@@ -38,8 +38,8 @@ CLASS_NAMES: list[tuple[str, str, tuple[str, ...], str]] = [
         "process_result", "get_environ"), "app/serving.py"),
     ("gevent.pywsgi", "Input", ("_discard",), "app/serving.py"),
     ("geventwebsocket.websocket", "WebSocket", (
-        "OPCODE_CONTINUATION", "_is_valid_close_code", "handle_close"), "app/realtime/websocket.py"),
-    ("geventwebsocket.websocket", "Header", ("decode_header",), "app/realtime/websocket.py"),
+        "OPCODE_CONTINUATION", "_is_valid_close_code", "handle_close"), "app/transport/websocket.py"),
+    ("geventwebsocket.websocket", "Header", ("decode_header",), "app/transport/websocket.py"),
     ("gunicorn.workers.ggevent", "GeventPyWSGIWorker", (
         "wsgi_handler", "server_class", "init_process", "run"), "app/serving.py"),
     ("gunicorn.workers.ggevent", "PyWSGIHandler", ("log_request", "get_environ"), "app/serving.py"),
@@ -51,22 +51,22 @@ SLOTS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("gevent.pywsgi", "Input", ("position", "content_length", "chunked_input", "chunk_length",
                                 "_chunked_input_error"), "app/serving.py: _body_complete"),
     ("geventwebsocket.websocket", "WebSocket", ("closed", "stream", "raw_write", "raw_read",
-                                                "environ", "handler"), "app/realtime/websocket.py"),
+                                                "environ", "handler"), "app/transport/websocket.py"),
     ("geventwebsocket.websocket", "Header", ("fin", "mask", "opcode", "flags", "length"),
-     "app/realtime/websocket.py"),
+     "app/transport/websocket.py"),
 ]
 
 # Module-level names.
 MODULE_NAMES: list[tuple[str, tuple[str, ...], str]] = [
     ("engineio.packet", ("Packet", "OPEN", "CLOSE", "PING", "PONG", "MESSAGE", "UPGRADE", "NOOP"),
-     "app/realtime/engine.py"),
-    ("engineio.exceptions", ("EngineIOError", "QueueEmpty"), "app/realtime/engine.py"),
+     "app/transport/engine.py"),
+    ("engineio.exceptions", ("EngineIOError", "QueueEmpty"), "app/transport/engine.py"),
     ("socketio.packet", ("Packet", "CONNECT", "DISCONNECT", "EVENT", "ACK", "CONNECT_ERROR",
-                         "BINARY_EVENT", "BINARY_ACK"), "app/realtime/server.py"),
+                         "BINARY_EVENT", "BINARY_ACK"), "app/transport/server.py"),
     ("geventwebsocket.websocket", ("Stream",), "app/serving.py"),
-    ("geventwebsocket.exceptions", ("ProtocolError", "WebSocketError"), "app/realtime/websocket.py"),
+    ("geventwebsocket.exceptions", ("ProtocolError", "WebSocketError"), "app/transport/websocket.py"),
     ("gunicorn.workers.ggevent", ("GeventResponse",), "app/serving.py"),
-    ("gevent.socket", ("wait_write",), "app/realtime/websocket.py"),
+    ("gevent.socket", ("wait_write",), "app/transport/websocket.py"),
 ]
 
 
@@ -111,12 +111,12 @@ def test_engineio_instance_attributes_exist() -> None:
     for name in ("sockets", "handlers", "start_service_task", "service_task_handle", "ping_interval",
                  "ping_timeout", "ping_interval_grace_period", "max_http_buffer_size", "transports",
                  "cors_allowed_origins", "http_compression", "compression_threshold", "_async"):
-        assert hasattr(server, name), f"engineio.Server() has no {name} (used by app/realtime/engine.py)"
+        assert hasattr(server, name), f"engineio.Server() has no {name} (used by app/transport/engine.py)"
     assert "websocket" in server._async and "queue" in server._async
     sock = eio_socket.Socket(server, "sid")
     for name in ("queue", "upgrading", "upgraded", "connected", "closed", "closing", "last_ping",
                  "sid", "server"):
-        assert hasattr(sock, name), f"engineio Socket() has no {name} (used by app/realtime/engine.py)"
+        assert hasattr(sock, name), f"engineio Socket() has no {name} (used by app/transport/engine.py)"
 
 
 def test_socketio_instance_attributes_exist() -> None:
@@ -125,7 +125,7 @@ def test_socketio_instance_attributes_exist() -> None:
     server = socketio.Server(async_mode="gevent")
     for name in ("eio", "manager", "environ", "packet_class", "reason", "not_handled", "handlers",
                  "namespace_handlers"):
-        assert hasattr(server, name), f"socketio.Server() has no {name} (used by app/realtime/server.py)"
+        assert hasattr(server, name), f"socketio.Server() has no {name} (used by app/transport/server.py)"
     assert hasattr(server.manager, "rooms"), "socketio Manager has no rooms (used by app/realtime/fanout.py)"
 
 
@@ -135,7 +135,7 @@ def test_gevent_socket_has_the_raw_socket_and_the_hub_its_printer() -> None:
 
     a, b = gevent.socket.socketpair()
     try:
-        assert hasattr(a, "_sock"), "gevent sockets no longer hold _sock (app/realtime/websocket.py)"
+        assert hasattr(a, "_sock"), "gevent sockets no longer hold _sock (app/transport/websocket.py)"
         assert a._sock.gettimeout() == 0.0, "gevent's raw socket is not non-blocking any more"
     finally:
         a.close()

@@ -61,18 +61,19 @@ def test_gunicorn_master_imports_nothing_heavy_before_the_worker_patches() -> No
 #: Every module of app/ and its layer; a module missing here fails the test below.
 LAYERS = {
     "app.http": "edge", "app.serving": "edge",
-    "app.realtime.namespace": "edge", "app.realtime.server": "edge", "app.realtime.engine": "edge",
-    "app.realtime.websocket": "edge", "app.realtime.fanout": "edge", "app.realtime.timers": "edge",
-    "app.realtime.expiry": "edge", "app.realtime.recovery": "edge", "app.realtime.stats": "edge",
-    "app.realtime.presence": "edge", "app.realtime.revalidate": "edge", "app.realtime.webhooks": "edge",
-    "app.realtime.background": "edge", "app.realtime.connection": "edge",
+    # the forked transports, and the two realtime modules that speak Socket.IO through them
+    "app.transport": "edge", "app.realtime.namespace": "edge", "app.realtime.fanout": "edge",
+    # the features: they know neither HTTP nor a transport
+    "app.realtime.expiry": "service", "app.realtime.recovery": "service", "app.realtime.stats": "service",
+    "app.realtime.presence": "service", "app.realtime.revalidate": "service", "app.realtime.webhooks": "service",
+    "app.realtime.background": "service",
     "app.publish.pg_notify": "edge", "app.publish.redis_emitter": "edge", "app.publish.emitters": "edge",
     "app.auth.checker": "service", "app.publish.service": "service",
     "app.db": "data", "app.auth.store": "data", "app.auth.ratelimit": "data", "app.bus": "data",
     # prometheus-client behind the observers the services and the bus declare
     "app.metrics": "data",
     "app.config": "leaf", "app.errors": "leaf", "app.log": "leaf", "app.gather": "leaf", "app.process": "leaf",
-    "app.auth.credentials": "leaf", "app.realtime.rooms": "leaf",
+    "app.auth.credentials": "leaf", "app.realtime.rooms": "leaf", "app.timers": "leaf",
     # packages whose __init__ holds only a docstring
     "app.auth": "leaf", "app.publish": "leaf", "app.realtime": "leaf",
 }

@@ -1,4 +1,4 @@
-"""The WebSocket writer alone, on a socketpair (``realtime/websocket.py``): closed while its backlog
+"""The WebSocket writer alone, on a socketpair (``transport/websocket.py``): closed while its backlog
 waits for a peer that does not read, the flusher ends quietly (issue 16: it indexed the backlog
 that the close had dropped, a TypeError traceback at every slow consumer cut off)."""
 
@@ -9,7 +9,7 @@ import socket
 import gevent
 import gevent.socket
 
-from app.realtime.websocket import WebSocket
+from app.transport.websocket import WebSocket
 
 
 class SmallBuffer(WebSocket):

@@ -3,7 +3,7 @@
 Every error a Flask route can give, werkzeug's 404/405/413 included, leaves
 as ``{"error": {"code": ..., "message": ...}}`` with the status of
 ``errors.API_ERRORS``; the server API (``api.py``), Engine.IO
-(``realtime/engine.py``) and the worker (``serving.py``) build the same body
+(``transport/engine.py``) and the worker (``serving.py``) build the same body
 with ``errors.http_error``.
 """
 

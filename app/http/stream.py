@@ -33,7 +33,7 @@ import gevent
 import socketio
 
 from app.errors import REFUSALS, http_error
-from app.realtime.connection import CLOSE_NORMAL, STREAM_KEY, Connection
+from app.transport.connection import CLOSE_NORMAL, STREAM_KEY, Connection
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 class EventStream(Connection):
     """The response of one stream once its headers are out: chunks written straight to the socket.
 
-    Like an adopted WebSocket (``realtime/connection.py``), it keeps no
+    Like an adopted WebSocket (``transport/connection.py``), it keeps no
     greenlet: what the client sends after its request is read and dropped
     by a watcher in the hub, and its end (or an error) ends the stream.
     """

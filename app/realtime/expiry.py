@@ -1,6 +1,6 @@
 """Disconnect sockets when their token expires, and warn them shortly before.
 
-One entry per socket in the process's timer heap (``realtime/timers.py``),
+One entry per socket in the process's timer heap (``timers.py``),
 not a timer or a query per socket per second: at ``expires - lead`` the
 socket receives ``session_expiring {"expiresAt": <ISO 8601 UTC>}`` so the
 client can ``refresh``; at ``expires`` it is disconnected. ``lead`` is
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from app.realtime.timers import Timer, Timers
+from app.timers import Timer, Timers
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from engineio import packet as eio_packet
 
 from app.bus.envelope import Kick, Member, Message, Publication, Revoke
 from app.realtime.rooms import ORGANIZATION_PREFIX
-from app.realtime.server import NAMESPACE, SocketServer
-from app.realtime.websocket import encode_frame
+from app.transport.server import NAMESPACE, SocketServer
+from app.transport.websocket import encode_frame
 
 log = logging.getLogger(__name__)
 _first_value = json.JSONDecoder().raw_decode

@@ -38,8 +38,8 @@ from app.realtime.expiry import ExpiryClock, iso_utc
 from app.realtime.fanout import Fanout
 from app.realtime.recovery import Recovery, parse_offset
 from app.realtime.rooms import organization_room, user_room
-from app.realtime.server import ADDRESS_KEY
-from app.realtime.timers import Timers
+from app.timers import Timers
+from app.transport.server import ADDRESS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         self.sessions: dict[str, Session] = {}
         self._per_user: Counter[str] = Counter()
 
-    # --- connect and disconnect (called by realtime/server.py's _handle_connect)
+    # --- connect and disconnect (called by transport/server.py's _handle_connect)
 
     def admission(self, environ: dict[str, Any], auth: Any, session_id: str = "-", fresh: bool = False) -> Admission:
         """Check a CONNECT: who is it, may it listen, and can its session be recovered.
@@ -229,7 +229,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
                         "latency_ms": latency})
 
     def refused_namespace(self, address: str, session_id: str) -> None:
-        """A CONNECT to a namespace orgcast does not serve (realtime/server.py answers it)."""
+        """A CONNECT to a namespace orgcast does not serve (transport/server.py answers it)."""
         self._refused(Refusal("namespace_invalid"), address, session_id, time.monotonic())
 
     def admit(self, sid: str, admission: Admission) -> Replay | None:
@@ -535,7 +535,7 @@ class OrgcastNamespace(socketio.Namespace):  # type: ignore[misc]
         """Dispatch the server's own events and ours; ignore what clients invent.
 
         python-socketio routes a client's EVENT packet named "connect" or
-        "disconnect" here too (realtime/server.py refuses those names before;
+        "disconnect" here too (transport/server.py refuses those names before;
         this stays as the second line). Its own calls come while the socket is
         still connecting or already disconnecting, a client's while it is connected.
         """

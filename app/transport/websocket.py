@@ -49,7 +49,7 @@ import gevent
 from geventwebsocket.exceptions import ProtocolError
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
-from app.realtime.connection import Connection
+from app.transport.connection import Connection
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ and the README's "Limits that protect the process" found wrong or lenient:
   closes answers its pending GET with ``6`` (python-engineio sent an empty
   body, which engine.io-parser reads as an error).
 - WebSocket sessions write without a writer greenlet (see
-  ``realtime/websocket.py``), and a session that ends closes its TCP
+  ``transport/websocket.py``), and a session that ends closes its TCP
   connection.
 - The OPEN packet announces ``pingInterval`` in milliseconds without
   truncating fractions of a second (python-engineio sent ``int(0.3) * 1000``).
 - Pings and ping timeouts are entries in the process's one timer heap
-  (``realtime/timers.py``), not a sleeping greenlet per session plus a
+  (``timers.py``), not a sleeping greenlet per session plus a
   service task that walks every session.
 """
 
@@ -51,9 +51,9 @@ from engineio import socket as eio_socket
 
 from app import process
 from app.errors import http_error
-from app.realtime.connection import Connection
-from app.realtime.timers import Timers
-from app.realtime.websocket import ACCEPT_KEY, WebSocket, encode_frame
+from app.timers import Timers
+from app.transport.connection import Connection
+from app.transport.websocket import ACCEPT_KEY, WebSocket, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 class EngineServer(engineio.Server):  # type: ignore[misc]
     """python-engineio's server with the request handling described above."""
 
-    #: the process's timer heap (set by realtime/server.py)
+    #: the process's timer heap (set by transport/server.py)
     timers: Timers
     sequence_number: int
 

@@ -36,9 +36,9 @@ from socketio import packet as sio_packet
 from app.auth.credentials import Network, client_address, is_trusted, parse_networks
 from app.config import Settings
 from app.errors import API_ERRORS, connect_error, error_body, status_line
-from app.realtime.engine import EngineServer
 from app.realtime.rooms import RESERVED_EVENTS
-from app.realtime.timers import Timer, Timers
+from app.timers import Timer, Timers
+from app.transport.engine import EngineServer
 
 SOCKETIO_PATH = "socket.io"
 NAMESPACE = "/"

@@ -1,6 +1,6 @@
 """A long-lived connection that costs no greenlet: direct writes with a bounded backlog.
 
-The part of the WebSocket transport (``realtime/websocket.py``) that has
+The part of the WebSocket transport (``transport/websocket.py``) that has
 nothing to do with frames, shared with the Server-Sent Events stream
 (``http/stream.py``), which is the same problem with another framing:
 
