@@ -13,6 +13,7 @@ connect rate and the worker's idle CPU.
 
     .venv/bin/python bench/sse.py                      # 1,000 then 5,000, 3 rounds
     .venv/bin/python bench/sse.py --rounds 1 --total 2000
+    .venv/bin/python bench/sse.py --rounds 1 --commit c3b2ee6   # an earlier commit's server
 
 The table goes to stdout, progress to stderr, everything to
 ``bench/results/<date>-sse.json``.
@@ -31,7 +32,7 @@ from common import TempDir, fmt, log, pin_tree
 from report import results_path, save
 from run import prepare_process
 from scenarios import WARMUP_USERS, Context, Sizes, run_sockets, sockets_metrics
-from servers import Orgcast, ThrowawayPostgres, fill_database, versions
+from servers import Orgcast, ThrowawayPostgres, export_commit, fill_database, versions
 
 TRANSPORTS = ("websocket", "sse")
 ROWS = (("connects_per_s", "connects/s ({c} clients, 100 in flight)"),
@@ -51,6 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--output", type=Path)
+    p.add_argument("--commit", help="measure this commit's server files (git archive), not the working tree")
     return p.parse_args(argv)
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str]) -> int:
                   quick=False)
     t0 = time.monotonic()
     tmp = TempDir("orgcast-bench-sse-")
+    if args.commit:
+        log(f"orgcast runs from {export_commit(args.commit, tmp.path / 'tree')} (git archive)")
     pg = ThrowawayPostgres()
     runs: list[dict[str, Any]] = []
     try:
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> int:
             order = TRANSPORTS if round_no % 2 else TRANSPORTS[::-1]
             for transport in order:
                 log(f"round {round_no}/{args.rounds}: {transport}")
-                server = Orgcast(pg.dsn, tmp.path, server_core, label=f"orgcast/{transport}")
+                server = Orgcast(pg.dsn, tmp.path, server_core, label=f"orgcast-{transport}")
                 server.start()
                 try:
                     result = run_sockets(server, server.measured_pid(), ctx, transport)
@@ -100,7 +104,8 @@ def main(argv: list[str]) -> int:
     print(table)
     results = {"kind": "sse", "command": " ".join(["bench/sse.py", *argv]), "elapsed_s": round(time.monotonic() - t0),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "environment": versions(None), "medians": medians, "table_markdown": table, "runs": runs}
+               "environment": {**versions(None), "exported_commit": Orgcast.exported_commit},
+               "medians": medians, "table_markdown": table, "runs": runs}
     print(f"raw results: {save(results, results_path('sse', args.output))}")
     return 0
 
