@@ -168,3 +168,27 @@ def test_a_webhook_url_without_its_key_or_secret_stops_start_up(postgres: Any, m
         load_settings(env)
     with pytest.raises(ConfigError, match="ORGCAST_WEBHOOK_URL"):
         load_settings({**hook_env(postgres, "ftp://x"), })
+
+
+def test_an_event_stream_comes_and_goes_like_a_socket(postgres: Any, receiver: Receiver, tmp_path: Path,
+                                                      listen: Any) -> None:
+    """Contract §4.2: an SSE stream counts in the webhooks as a Socket.IO socket does, and
+    one user's stream and socket together are one member."""
+    from conftest import start_gunicorn
+    from test_stream import Stream
+
+    org = "hooks-sse"
+    user, token = new_user(postgres, 3600, (org,))
+    server = start_gunicorn(hook_env(postgres, receiver.url), tmp_path)
+    try:
+        stream = Stream(server, f"organizationId={org}&token={token}")
+        assert stream.status == 200
+        assert organization(receiver.events(2), org) == [("channel_occupied", None), ("member_added", user)]
+        socket_too = listen(server.url, auth={"token": token, "organizationId": org})
+        stream.close()  # the socket stays: the member stays
+        assert organization(receiver.quiet(2.5), org) == []
+        socket_too.close()
+        assert organization(receiver.events(2), org) == [("member_removed", user), ("channel_vacated", None)]
+    finally:
+        server.stop()
+    assert receiver.invalid == 0
