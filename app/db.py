@@ -26,6 +26,7 @@ import gevent
 import gevent.lock
 import psycogreen.gevent
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from app.errors import Unavailable
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 #: psycopg2 ships no type information
 Connection: TypeAlias = Any
+
+
+class Conflict(Exception):
+    """The statement would have made a row a unique index holds already (nothing was changed)."""
 
 
 class QueryError(Unavailable):
@@ -94,6 +99,9 @@ class Database:
             rows = self._fetch_all(sql, params, timeout, limit)
             ok = True
             return rows
+        except Conflict:
+            ok = True  # the database answered: a row that is already there
+            raise
         finally:
             self.observer(time.monotonic() - started, ok)
 
@@ -137,6 +145,9 @@ class Database:
                     if reuse and broken:
                         continue
                     raise _unavailable(exc) from None
+                except psycopg2.errors.UniqueViolation as exc:
+                    self._idle.append(conn)  # (autocommit: nothing is left open on it)
+                    raise Conflict(_first_line(exc)) from None
                 except (psycopg2.ProgrammingError, psycopg2.DataError) as exc:
                     self._discard(conn)
                     log.warning("database refused the statement: %s", _first_line(exc))

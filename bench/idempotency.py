@@ -228,9 +228,9 @@ def run_wrk(wrk: str, port: int, script: Path, args: argparse.Namespace, duratio
 
 
 def idempotency_rows(pg: ThrowawayPostgres, redis_url: str | None) -> int:
-    """Keys remembered so far: rows of orgcast.idempotency, or Redis keys of the prefix."""
+    """Keys remembered so far: log entries with a key, or Redis keys of the prefix."""
     if redis_url is None:
-        return int(pg.psql("SELECT count(*) FROM orgcast.idempotency").strip())
+        return int(pg.psql("SELECT count(*) FROM orgcast.log WHERE idem IS NOT NULL").strip())
     import redis
 
     client = redis.Redis.from_url(redis_url)

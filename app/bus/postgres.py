@@ -37,7 +37,7 @@ from gevent.socket import wait_read
 
 from app.bus.envelope import Entry, Kick, Publication, Signal, encode
 from app.bus.listener import CATCH_UP, LogListener
-from app.db import Database
+from app.db import Conflict, Database
 from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -118,31 +118,30 @@ CREATE TABLE IF NOT EXISTS orgcast.socket_organizations (
     organizations text[] NOT NULL,
     kept_until    timestamptz NOT NULL
 );
-CREATE TABLE IF NOT EXISTS orgcast.idempotency (
-    room       text NOT NULL,
-    key        text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (room, key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_created_at ON orgcast.idempotency (created_at);
+-- An Idempotency-Key is "<room> <key>" on its entry's row, kept (past the log's own
+-- window) for ORGCAST_IDEMPOTENCY_WINDOW: one more index entry per keyed publish, where a
+-- table of its own cost a row, two index entries and an ON CONFLICT (bench/README.md).
+ALTER TABLE orgcast.log ADD COLUMN IF NOT EXISTS idem text;
+CREATE UNIQUE INDEX IF NOT EXISTS log_idem ON orgcast.log (idem) WHERE idem IS NOT NULL;
 """
 #: the newest object of SCHEMA_SQL: when it exists, the schema is complete
-SCHEMA_LAST = "orgcast.idempotency"
+SCHEMA_LAST = "orgcast.log_idem"
 
 _APPEND_REST = """
-     l AS (INSERT INTO orgcast.log (position, message) SELECT position, %(message)s FROM p),
+     l AS (INSERT INTO orgcast.log (position, message, idem) SELECT position, %(message)s, %(idem)s FROM p),
      h AS (INSERT INTO orgcast.history (room, id, args, except_rooms)
            SELECT r, p.position, %(args)s, %(except)s::text[] FROM p, unnest(%(rooms)s::text[]) AS r)
 SELECT position, pg_notify(%(channel)s, position::text || %(notified)s) FROM p
 """
 _APPEND = "WITH p AS (UPDATE orgcast.log_head SET position = position + 1 RETURNING position)," + _APPEND_REST
-# The key's row is the check and the lock: a second append with it waits for the first to
-# commit, then finds it (and takes no position); an expired one is taken over.
-_KEYED = """
-WITH k AS (INSERT INTO orgcast.idempotency (room, key) VALUES (%(room)s, %(key)s)
-           ON CONFLICT (room, key) DO UPDATE SET created_at = now()
-           WHERE orgcast.idempotency.created_at < now() - %(window)s * interval '1 second' RETURNING 1),
-     p AS (UPDATE orgcast.log_head SET position = position + 1 WHERE EXISTS (SELECT 1 FROM k) RETURNING position),
+# A keyed append is the same statement: its key's unique index entry is the check. A
+# second append with the key waits for the head's row lock, then fails on the index
+# (rolled back: no position taken), and is answered as a repeat; a key past its window
+# that the cleanup has not deleted yet is let go (``_RELEASE``) and the append tried again.
+_RELEASE = """
+WITH r AS (UPDATE orgcast.log SET idem = NULL WHERE idem = %(idem)s
+           AND created_at < now() - %(window)s * interval '1 second' RETURNING 1)
+SELECT count(*) FROM r
 """
 _TRIMMED = """
 INSERT INTO orgcast.history_trimmed (room, through) SELECT room, max(id) FROM gone GROUP BY room
@@ -184,17 +183,26 @@ class PostgresBus(LogListener):
     def append(self, entry: Entry, key: str | None = None) -> int | None:
         text = encode(entry)
         rooms: list[str] = list(entry.rooms) if isinstance(entry, Publication) else []
-        row = self._db.fetch_one(_APPEND if key is None else _KEYED + _APPEND_REST, {
+        params = {
             "message": text, "channel": LOG_CHANNEL,
             "notified": " " + text if len(text.encode()) < NOTIFY_LIMIT - 24 else "",
             "rooms": rooms, "args": entry.args if isinstance(entry, Publication) else "",
             "except": list(entry.except_rooms) if isinstance(entry, Publication | Kick) else [],
-            "room": rooms[0] if rooms else "", "key": key, "window": self._idempotency_window})
-        if row is None:
-            if key is not None:
-                return None  # the key was taken within the window: a repeat
-            raise Unavailable("orgcast's log is missing its head row")
-        return int(row[0])
+            "idem": None if key is None else f"{rooms[0] if rooms else ''} {key}",
+            "window": self._idempotency_window}
+        for last_try in (False, True):
+            try:
+                row = self._db.fetch_one(_APPEND, params)
+            except Conflict:
+                # The key is on an entry already: within the window a repeat; past it, let go once.
+                released = self._db.fetch_one(_RELEASE, params)
+                if last_try or not (released and released[0]):
+                    return None
+                continue
+            if row is None:
+                raise Unavailable("orgcast's log is missing its head row")
+            return int(row[0])
+        return None
 
     def head(self) -> int:
         row = self._db.fetch_one("SELECT position FROM orgcast.log_head", {})
@@ -386,9 +394,10 @@ class PostgresBus(LogListener):
             if self.carries_bus:
                 self._db.fetch_one(
                     "WITH gone AS (DELETE FROM orgcast.log WHERE created_at < now() - interval "
-                    f"'{window} seconds' RETURNING position) "
+                    f"'{window} seconds' AND (idem IS NULL OR created_at < now() - %(keys)s * interval '1 second') "
+                    "RETURNING position) "
                     "UPDATE orgcast.log_head SET trimmed = GREATEST(trimmed, (SELECT max(position) FROM gone)) "
-                    "WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1", {})
+                    "WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1", {"keys": self._idempotency_window})
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.bus_messages WHERE created_at < "
                                    f"now() - interval '{PARKED_FOR} seconds' RETURNING 1) SELECT count(*) FROM gone",
                                    {})
@@ -396,9 +405,6 @@ class PostgresBus(LogListener):
                                    "RETURNING 1) SELECT count(*) FROM gone", {})
                 self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.socket_organizations WHERE kept_until < "
                                    "now() RETURNING 1) SELECT count(*) FROM gone", {})
-                self._db.fetch_one("WITH gone AS (DELETE FROM orgcast.idempotency WHERE created_at < now() - "
-                                   "%(window)s * interval '1 second' RETURNING 1) SELECT count(*) FROM gone",
-                                   {"window": self._idempotency_window})
                 self._db.fetch_one(
                     "WITH gone AS (DELETE FROM orgcast.history WHERE created_at < now() - interval "
                     f"'{float(self._window)} seconds' RETURNING room, id) " + _TRIMMED, {})
