@@ -201,3 +201,30 @@ def test_first_connects_at_once_all_get_the_one_secret(postgres: Any, schema: No
     finally:
         first.close()
         db.close()
+
+
+def test_a_key_outlives_the_log_window_for_the_idempotency_window(postgres: Any, schema: None) -> None:
+    """The key sits on its log entry's row: the log's cleanup keeps a keyed entry until the
+    idempotency window has passed too, and past it the key may be used again."""
+    db = Database(postgres.dsn, pool_size=2, timeout=5)
+    bus = PostgresBus(db, postgres.dsn, window=WINDOW, history_size=SIZE, idempotency_window=300)
+    try:
+        room, key = unique("room"), unique("key")
+
+        def publish() -> int | None:
+            return bus.append(Publication(rooms=(room,), args=json.dumps(["news", key])), key)
+
+        first = publish()
+        assert first is not None and publish() is None
+        postgres.psql(f"UPDATE orgcast.log SET created_at = now() - interval '200 seconds' WHERE position = {first}")
+        bus.cleanup()  # past the log's window (60 s at least), within the key's: kept
+        assert postgres.psql(f"SELECT count(*) FROM orgcast.log WHERE position = {first}").strip() == "1"
+        assert publish() is None
+        postgres.psql(f"UPDATE orgcast.log SET created_at = now() - interval '400 seconds' WHERE position = {first}")
+        again = publish()  # past the key's window, not cleaned up yet: let go, then taken
+        assert again is not None and again > first
+        assert publish() is None
+        bus.cleanup()
+        assert postgres.psql(f"SELECT count(*) FROM orgcast.log WHERE position = {first}").strip() == "0"
+    finally:
+        db.close()
