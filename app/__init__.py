@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from app.realtime.stats import WorkerStats, summarize
     from app.timers import Timers
     from app.transport.connection import Connection
-    from app.transport.server import RoomsManager, build_server, build_wsgi
+    from app.transport.server import UNTRUSTED_FORWARDING, RoomsManager, build_server, build_wsgi
 
     if settings is None:
         settings = load_settings()
@@ -147,7 +147,8 @@ def create_app(settings: Settings | None = None) -> Any:
 
     worker_stats = WorkerStats(
         peer=cluster.peer, sockets=lambda: len(namespace.sessions), organizations=fanout.organization_sizes,
-        bus=bus.stats, auth=lambda: {"cached": checker.cached}, tally=metrics.tally)
+        bus=bus.stats, auth=lambda: {"cached": checker.cached}, tally=metrics.tally,
+        warnings=lambda: [UNTRUSTED_FORWARDING] if sio.untrusted_forwarding else [])
     cluster.answer("stats", worker_stats.answer)
 
     def stats() -> dict[str, Any]:

@@ -254,9 +254,20 @@ def test_failed_authorizations_limit_an_address_without_asking_the_database(
 def test_a_spoofed_forwarded_header_from_an_untrusted_peer_is_ignored(postgres: Any,
                                                                       gunicorn_factory: Any) -> None:
     srv = gunicorn_factory(base_env(postgres, ORGCAST_AUTH_FAILURES="3"))  # the default: no proxy trusted
+    assert admin_warnings(srv) == []
     for i in range(3):
         assert connect_raw(srv.port, f"guess-{i}", forwarded=f"203.0.113.{i}") == "token_invalid"
     assert connect_raw(srv.port, "tok-alice", forwarded="198.51.100.7") == "rate_limited"
+    # The operator is told, once in the log and on /admin for as long as the worker lives.
+    assert srv.output().count("which is not in ORGCAST_TRUSTED_PROXIES") == 1
+    assert [w for w in admin_warnings(srv) if "ORGCAST_TRUSTED_PROXIES" in w], admin_warnings(srv)
+
+
+def admin_warnings(srv: Any) -> list[str]:
+    reply = requests.get(f"{srv.url}/admin/stats", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    warnings: list[str] = reply.json()["warnings"]
+    return warnings
 
 
 def test_behind_a_trusted_proxy_each_forwarded_client_is_counted_apart(postgres: Any,
@@ -268,6 +279,7 @@ def test_behind_a_trusted_proxy_each_forwarded_client_is_counted_apart(postgres:
     assert connect_raw(srv.port, "tok-alice", forwarded="198.51.100.2") == "ok"
     # The hop the proxy adds is the client: what the client wrote before it is not trusted.
     assert connect_raw(srv.port, "tok-alice", forwarded="198.51.100.2, 198.51.100.1") == "rate_limited"
+    assert admin_warnings(srv) == []
 
 
 # --- sessions an address may hold unadmitted ------------------------------------------------------------

@@ -34,13 +34,16 @@ class WorkerStats(Background):
 
     def __init__(self, *, peer: str, sockets: Callable[[], int], organizations: Callable[[], dict[str, int]],
                  bus: Callable[[], dict[str, Any]], auth: Callable[[], dict[str, int]],
-                 tally: Counter[str], clock: Callable[[], float] = time.time) -> None:
+                 tally: Counter[str], clock: Callable[[], float] = time.time,
+                 warnings: Callable[[], list[str]] = list) -> None:
         self._peer = peer
         self._sockets = sockets
         self._organizations = organizations
         self._bus = bus
         self._auth = auth
         self._tally = tally
+        #: what an operator should fix, in a sentence each (the /admin page shows them)
+        self._warnings = warnings
         self._clock = clock
         self._started = clock()
         #: (time, sockets, published, delivered) every SAMPLE_EVERY seconds
@@ -70,6 +73,7 @@ class WorkerStats(Background):
             "attempts": {k.split(" ", 1)[1]: v for k, v in self._tally.items() if k.startswith("attempt ")},
             "answered_by": {k.split(" ", 1)[1]: v for k, v in self._tally.items() if k.startswith("auth ")},
             "samples": [list(s) for s in self.samples],
+            "warnings": self._warnings(),
         }
 
 
@@ -116,4 +120,6 @@ def summarize(by_worker: dict[str, Any], partial: bool, latency_ms: dict[str, fl
         # (time, sockets, published, delivered) of every worker, added together
         "samples": [[at, *row] for at, row in sorted(series.items())],
         "sample_every_s": SAMPLE_EVERY,
+        # each worker's, once
+        "warnings": sorted({str(text) for w in workers for text in w.get("warnings", [])}),
     }

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 #: lines a client can cause: rate-limited by app/log.py
 client_log = logging.getLogger("app.client")
 
+#: what /admin says while X-Forwarded-For has come from a peer that is not a trusted proxy
+UNTRUSTED_FORWARDING = ("X-Forwarded-For arrives from a peer not in ORGCAST_TRUSTED_PROXIES: every client behind "
+                        "it counts as that one address, and the per-address limits apply to all of them at once.")
+
 
 class PacketError(ValueError):
     """A Socket.IO packet that breaks the protocol."""
