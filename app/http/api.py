@@ -188,10 +188,11 @@ class ServerApi:
                 if not length.isdigit():
                     raise ApiError("bad_request", "Content-Length is not a number.")
                 if int(length) > self._limit:
-                    # Read (and drop) a body of up to 16 times the limit before answering: a
-                    # proxy still sending it would otherwise meet a closed connection and
-                    # answer 502 instead of this 413 (issue 18). Bigger ones are cut short.
-                    _discard(stream, int(length), 16 * self._limit)
+                    # Read (and drop) a body of up to 16 times the limit (and at least nginx's
+                    # default client_max_body_size, 1 MiB) before answering: a proxy still
+                    # sending it would otherwise meet a closed connection and answer 502
+                    # instead of this 413 (issue 18). Bigger ones are cut short.
+                    _discard(stream, int(length), max(16 * self._limit, DISCARD_AT_LEAST))
                     raise ApiError("payload_too_large")
                 raw = stream.read(int(length))
                 if len(raw) < int(length):
@@ -214,6 +215,10 @@ def _accepted(body: dict[str, Any], repeat: bool) -> dict[str, Any]:
     if repeat:
         body["duplicate"] = True
     return body
+
+
+#: bytes of an oversized body read and dropped before the 413, whatever the limit
+DISCARD_AT_LEAST = 1048576
 
 
 def _discard(stream: Any, length: int, most: int) -> None:
