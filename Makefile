@@ -32,10 +32,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Debian packages, installed when missing (as root; otherwise named).
 # run: PostgreSQL's server binaries, redis-server, npm (for the browser client).
-# test: the same, plus Chromium for the demo page's browser test and nginx
-# for the reverse-proxy test (it runs its own nginx, never the system one).
+# test: the same, plus Chromium for the demo page's browser test, nginx
+# for the reverse-proxy test (it runs its own nginx, never the system one)
+# and PgBouncer for the transaction-pool test (its own too).
 RUN_PKGS  := postgresql redis-server npm
-TEST_PKGS := $(RUN_PKGS) chromium nginx
+TEST_PKGS := $(RUN_PKGS) chromium nginx pgbouncer
 
 system-deps:
 	@$(MAKE) --no-print-directory apt-missing PKGS="$(RUN_PKGS)"
@@ -50,6 +51,7 @@ apt-missing:
 	      ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql" ;; \
 	    chromium) test -x /usr/bin/chromium || missing="$$missing chromium" ;; \
 	    nginx) test -x /usr/sbin/nginx || missing="$$missing nginx" ;; \
+	    pgbouncer) test -x /usr/sbin/pgbouncer || missing="$$missing pgbouncer" ;; \
 	    *) command -v $$pkg >/dev/null || missing="$$missing $$pkg" ;; \
 	  esac; done; \
 	  if [ -n "$$missing" ]; then \
