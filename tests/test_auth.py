@@ -232,7 +232,10 @@ def test_pool_exhausted_waits_then_is_unavailable(postgres: Any) -> None:
     database = Database(postgres.dsn, pool_size=1, timeout=0.5)
     try:
         holder = gevent.spawn(database.fetch_one, "SELECT pg_sleep(0.4)", {}, 2.0)
-        gevent.sleep(0.1)
+        deadline = time.monotonic() + 2
+        while not database._slots.locked():  # the holder has the pool's one connection
+            assert time.monotonic() < deadline
+            gevent.sleep(0.001)
         started = time.monotonic()
         with pytest.raises(Unavailable):
             database.fetch_one("SELECT 1", {}, 0.2)

@@ -382,8 +382,13 @@ def test_a_pending_get_of_a_session_the_client_closes_gets_noop(suite_server: Se
 
 def test_polling_session_closes_upon_ping_timeout(suite_server: Server) -> None:
     sid = polling_open(suite_server)
-    time.sleep(0.3 + 0.2 + 0.05)
-    assert requests.get(poll_url(suite_server, sid), timeout=5).status_code == 400
+    opened = time.monotonic()
+    # A GET returns the ping (after 0.3 s), or nothing once the session ends: no ping is
+    # answered, so it ends 0.2 s after the first, and the next GET is refused.
+    while (reply := requests.get(poll_url(suite_server, sid), timeout=5)).status_code == 200:
+        assert time.monotonic() - opened < 5, "the session outlived its unanswered pings"
+    assert reply.status_code == 400
+    assert time.monotonic() - opened >= 0.3 + 0.2 - 0.05, "closed before its ping timed out"
 
 
 def test_the_first_post_to_an_expired_polling_session_is_400_without_traceback(
