@@ -62,7 +62,8 @@ def test_gunicorn_master_imports_nothing_heavy_before_the_worker_patches() -> No
 LAYERS = {
     "app.http": "edge", "app.serving": "edge",
     # the forked transports, and the two realtime modules that speak Socket.IO through them
-    "app.transport": "edge", "app.realtime.namespace": "edge", "app.realtime.fanout": "edge",
+    "app.transport": "edge", "app.realtime.namespace": "edge", "app.realtime.connect": "edge",
+    "app.realtime.fanout": "edge",
     # the features: they know neither HTTP nor a transport
     "app.realtime.expiry": "service", "app.realtime.recovery": "service", "app.realtime.stats": "service",
     "app.realtime.presence": "service", "app.realtime.revalidate": "service", "app.realtime.webhooks": "service",
