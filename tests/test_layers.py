@@ -74,7 +74,7 @@ LAYERS = {
     # prometheus-client behind the observers the services and the bus declare
     "app.metrics": "data",
     "app.config": "leaf", "app.errors": "leaf", "app.log": "leaf", "app.gather": "leaf", "app.process": "leaf",
-    "app.auth.credentials": "leaf", "app.realtime.rooms": "leaf", "app.timers": "leaf",
+    "app.auth.credentials": "leaf", "app.rooms": "leaf", "app.timers": "leaf",
     # packages whose __init__ holds only a docstring
     "app.auth": "leaf", "app.publish": "leaf", "app.realtime": "leaf",
 }

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, render_template, request, send_from_directory
 
 from app.http import services
-from app.realtime.rooms import ORGANIZATION_PREFIX, USER_PREFIX
+from app.rooms import ORGANIZATION_PREFIX, USER_PREFIX
 
 bp = Blueprint("public", __name__, template_folder="templates")
 

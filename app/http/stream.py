@@ -66,14 +66,7 @@ class EventStream(Connection):
         return self.send_bytes(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def _readable(self) -> None:
-        try:
-            chunk = self.sock._sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.abort()
+        self._received()  # dropped; its end ends the stream
 
     def finish(self) -> None:
         """End the body (its last chunk, when nothing else waits) and close the connection."""

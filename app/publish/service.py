@@ -24,7 +24,7 @@ from app import process
 from app.auth.credentials import is_valid_organization_id, is_valid_user_id
 from app.bus.envelope import Entry, Kick, Publication, Revoke
 from app.errors import ApiError
-from app.realtime.rooms import RESERVED_EVENTS, USER_PREFIX, is_valid_room, organization_room, user_room
+from app.rooms import RESERVED_EVENTS, USER_PREFIX, is_valid_room, organization_room, user_room
 
 log = logging.getLogger(__name__)
 

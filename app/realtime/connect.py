@@ -46,7 +46,7 @@ from app.errors import Refusal, Unavailable, connect_error
 from app.realtime.expiry import ExpiryClock
 from app.realtime.fanout import Fanout
 from app.realtime.recovery import Recovery, parse_offset
-from app.realtime.rooms import organization_room, user_room
+from app.rooms import organization_room, user_room
 from app.transport.server import ADDRESS_KEY
 
 log = logging.getLogger("app.realtime.namespace")  # (the name the connect lines have always had)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from engineio import packet as eio_packet
 
 from app.bus.envelope import Kick, Member, Message, Publication, Revoke
-from app.realtime.rooms import ORGANIZATION_PREFIX
+from app.rooms import ORGANIZATION_PREFIX
 from app.transport.server import NAMESPACE, SocketServer
 from app.transport.websocket import encode_frame
 

@@ -41,7 +41,7 @@ from app.realtime.connect import Connect, Latest, Observer, PresenceHooks, Sessi
 from app.realtime.expiry import ExpiryClock, iso_utc
 from app.realtime.fanout import Fanout
 from app.realtime.recovery import Recovery
-from app.realtime.rooms import organization_room
+from app.rooms import organization_room
 from app.timers import Timers
 
 log = logging.getLogger(__name__)

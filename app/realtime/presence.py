@@ -31,7 +31,7 @@ import gevent
 import gevent.event
 
 from app.errors import Unavailable
-from app.realtime.rooms import organization_room, user_room
+from app.rooms import organization_room, user_room
 
 log = logging.getLogger(__name__)
 

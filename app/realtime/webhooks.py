@@ -47,7 +47,7 @@ import gevent.event
 from app.bus.envelope import Member
 from app.errors import Unavailable
 from app.realtime.background import Background
-from app.realtime.rooms import organization_room
+from app.rooms import organization_room
 
 log = logging.getLogger(__name__)
 

@@ -96,6 +96,18 @@ class Connection:
     def _readable(self) -> None:
         raise NotImplementedError
 
+    def _received(self) -> bytes | None:
+        """What the peer sent (b"" when it is gone: the connection is aborted), None if nothing yet."""
+        try:
+            chunk: bytes = self.sock._sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.abort()
+        return chunk
+
     # --- writing
 
     def send_bytes(self, data: bytes) -> bool:

@@ -36,7 +36,7 @@ from socketio import packet as sio_packet
 from app.auth.credentials import Network, client_address, is_trusted, parse_networks
 from app.config import Settings
 from app.errors import API_ERRORS, connect_error, error_body, status_line
-from app.realtime.rooms import RESERVED_EVENTS
+from app.rooms import RESERVED_EVENTS
 from app.timers import Timer, Timers
 from app.transport.engine import EngineServer
 

@@ -200,14 +200,8 @@ class WebSocket(Connection):
         if self.closed:
             self._discard()
             return
-        try:
-            chunk = self.sock._sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
+        chunk = self._received()
         if not chunk:
-            self.abort()
             return
         self.buffer += chunk
         self._parse_buffered()
