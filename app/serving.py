@@ -439,8 +439,12 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     def _drain(self) -> None:
         # No new connection first (close(), so that nothing starts accepting
         # again): a client handed over must reconnect elsewhere.
+        # A server gunicorn has made but not started yet (the signal came while the worker
+        # booted) is left to it: it starts it, sees the worker is no longer alive and closes
+        # it. Closing it here made its start fail with a traceback (no socket).
         for server in OrgcastServer.instances:
-            server.close()
+            if server.started:
+                server.close()
         runtime = getattr(self.wsgi, "runtime", None)
         if runtime is not None:
             runtime.drain(max(1.0, self.cfg.graceful_timeout / 2))

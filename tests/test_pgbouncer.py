@@ -90,6 +90,10 @@ def test_two_workers_through_a_transaction_pool_with_a_direct_listen(pgbouncer: 
     direct = f"host=127.0.0.1 port={postgres.port} user=orgcast dbname=orgcast"
     server = start_gunicorn(through(pgbouncer, postgres, ORGCAST_LISTEN_DATABASE_URL=direct), tmp_path)
     try:
+        deadline = time.monotonic() + 20  # both workers up (readiness needs one), each through the pool
+        while server.output().count("postgres bus listening") < 2:
+            assert time.monotonic() < deadline, server.output()[-2000:]
+            time.sleep(0.05)
         assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
         # Enough sockets that both workers hold some (each connect is a lookup through the pool).
         sockets = [listen(server.url, auth={"token": token, "organizationId": "org-a"})
