@@ -125,9 +125,12 @@ class RequestHeaders:
 class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
     """gunicorn's pywsgi handler with bounded waits, lazy WebSocket upgrades and redacted logs."""
 
+    # internal: gevent.pywsgi.WSGIHandler.{socket,code,status,environ,close_connection,requestline,rfile}
+    # internal: gevent.pywsgi.WSGIHandler.{wsgi_input,response_length,response_use_chunked,time_finish}
     socket: Any
     code: Any
     status: Any
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.MessageClass
     MessageClass = RequestHeaders.read
     #: set from ORGCAST_HEADER_TIMEOUT when the worker starts
     header_timeout: float = 30.0
@@ -136,6 +139,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
 
     _header_timer: Any = None
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.handle_one_request
     def handle_one_request(self) -> Any:
         # gevent's pywsgi waits for a request line and headers for ever: a
         # client that opens connections and sends nothing (or a byte a
@@ -155,6 +159,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         finally:
             self._stop_header_timer()
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.read_request
     def read_request(self, raw_requestline: str) -> Any:
         result = super().read_request(raw_requestline)
         self._stop_header_timer()
@@ -166,6 +171,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         if timer is not None:
             timer.close()
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.handle_one_response
     def handle_one_response(self) -> None:
         # A body must arrive within ORGCAST_BODY_TIMEOUT in all (a client
         # sending a byte every few seconds is as stuck as one sending none).
@@ -192,13 +198,16 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
                 pass  # already gone
 
     def _body_complete(self) -> bool:
+        # internal: gevent.pywsgi.Input.{chunked_input,chunk_length,position,content_length}
         body = self.wsgi_input
         if body is None:
             return True
         if body.chunked_input:
+            # internal: gevent.pywsgi.Input._chunked_input_error
             return bool(body.chunk_length == 0 and not body._chunked_input_error)
         return bool(body.position >= (body.content_length or 0))
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.start_response
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         write = super().start_response(status, headers, exc_info)
         if self.code != 101 and not self._body_complete():
@@ -206,6 +215,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
             # rest could take for ever, so close instead of keeping it alive,
             # and do not let pywsgi try to discard it.
             self.close_connection = True
+            # internal: gevent.pywsgi.Input._chunked_input_error
             self.wsgi_input._chunked_input_error = True
         if (self.close_connection and self.request_version == "HTTP/1.1" and self.code != 101
                 and not any(name.lower() == b"connection" for name, _ in self.response_headers)):
@@ -216,6 +226,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
 
     # --- WebSocket
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.run_application
     def run_application(self) -> Any:
         if is_upgrade_request(self.environ):
             problem = handshake_problem(self.environ)
@@ -271,6 +282,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         release: Any = self.server.adopt_socket(sock)
         return release
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler._sendall
     def _sendall(self, data: Any) -> None:
         """pywsgi's, with one plain send first: gevent's sendall asks the kernel for
         SO_SNDBUF before every write, a syscall the connect profile showed costing as
@@ -279,6 +291,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         if getattr(self.socket, "_sslobj", None) is not None:
             return super()._sendall(data)  # type: ignore[no-any-return]
         try:
+            # internal: gevent.socket.socket._sock
             sent = self.socket._sock.send(data)
         except BlockingIOError:
             sent = 0
@@ -300,11 +313,13 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
 
     # --- errors and logs
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler._handle_client_error
     def _handle_client_error(self, ex: BaseException) -> Any:
         if isinstance(ex, TimeoutError):
             return None  # headers never finished: close quietly, no traceback
         return super()._handle_client_error(ex)
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.handle_error
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         # pywsgi prints the traceback of an error that escaped the application
         # to stderr, unredacted and unlimited; log it through ours instead.
@@ -317,6 +332,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
             except OSError:
                 pass  # the client is gone
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.log_request
     def log_request(self) -> None:
         if getattr(self, "environ", None) is not None:
             PyWSGIHandler.log_request(self)
@@ -336,6 +352,7 @@ class OrgcastHandler(PyWSGIHandler):  # type: ignore[misc]
         self.server.log.access(GeventResponse(status, [], self.response_length), [], environ,
                                elapsed)
 
+    # internal: gunicorn.workers.ggevent.PyWSGIHandler.log_error
     def log_error(self, msg: str, *args: Any) -> None:
         try:
             message = msg % args if args else msg
@@ -383,10 +400,12 @@ class OrgcastServer(PyWSGIServer):  # type: ignore[misc]
 
         def release() -> None:
             self.adopted -= 1
+            # internal: gevent.server.StreamServer._start_accepting_if_started
             self._start_accepting_if_started()
 
         return release
 
+    # internal: gunicorn.workers.ggevent.PyWSGIServer.do_close
     def do_close(self, sock: Any, *args: Any) -> None:
         if id(sock) in self._handed_over:
             self._handed_over.discard(id(sock))
@@ -410,9 +429,12 @@ def configure(max_message: int, max_buffer: int, header_timeout: float, body_tim
 class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
     """gunicorn's gevent pywsgi worker speaking WebSocket through OrgcastHandler."""
 
+    # internal: gunicorn.workers.ggevent.GeventPyWSGIWorker.wsgi_handler
     wsgi_handler = OrgcastHandler
+    # internal: gunicorn.workers.ggevent.GeventPyWSGIWorker.server_class
     server_class = OrgcastServer
 
+    # internal: gunicorn.workers.ggevent.GeventPyWSGIWorker.init_process
     def init_process(self) -> None:
         # (The transport's limits come from the app's Settings: ``configure``, called by create_app.)
         # With several workers, accept one connection per wake-up (as gunicorn's
@@ -422,6 +444,7 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
 
     _drainer: Any = None
 
+    # internal: gunicorn.workers.ggevent.GeventPyWSGIWorker.handle_exit
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM (gunicorn's graceful stop and reload): stop, but deliver and hand clients over first.
 
@@ -449,9 +472,11 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
         if runtime is not None:
             runtime.drain(max(1.0, self.cfg.graceful_timeout / 2))
 
+    # internal: gunicorn.workers.ggevent.GeventPyWSGIWorker.run
     def run(self) -> None:
         # Errors in greenlets the hub runs (timers, spawned tasks) are printed
         # by the hub to stderr; send them through the log instead.
+        # internal: gevent.hub.Hub.print_exception
         gevent.get_hub().print_exception = _print_exception
         super().run()
         if self._drainer is not None:
@@ -461,6 +486,7 @@ class OrgcastWorker(GeventPyWSGIWorker):  # type: ignore[misc]
 class RedactingLogger(Logger):  # type: ignore[misc]
     """gunicorn's logger with every access-log atom and log line redacted."""
 
+    # internal: gunicorn.glogging.Logger.setup
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         settings = load_settings()
@@ -470,6 +496,7 @@ class RedactingLogger(Logger):  # type: ignore[misc]
                                      else _wrap(handler.formatter))
         setup_logging(settings.log_level, settings.log_format)
 
+    # internal: gunicorn.glogging.Logger.atoms
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
         for key, value in atoms.items():

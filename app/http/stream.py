@@ -74,6 +74,7 @@ class EventStream(Connection):
             return
         if self.chunked and not self.backlog:
             try:
+                # internal: gevent.socket.socket._sock
                 self.sock._sock.send(b"0\r\n\r\n")
             except OSError:
                 pass  # gone, or not reading: nothing more to tell it

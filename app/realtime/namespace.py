@@ -264,6 +264,7 @@ class OrgcastNamespace(Connect, socketio.Namespace):  # type: ignore[misc]
         # Out of the timer greenlet: the disconnect handlers may do I/O.
         gevent.spawn(self.server.disconnect, sid, namespace=self.namespace)
 
+    # internal: socketio.namespace.Namespace.trigger_event
     def trigger_event(self, event: Any, *args: Any) -> Any:
         """Dispatch the server's own events and ours; ignore what clients invent.
 

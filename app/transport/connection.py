@@ -99,6 +99,7 @@ class Connection:
     def _received(self) -> bytes | None:
         """What the peer sent (b"" when it is gone: the connection is aborted), None if nothing yet."""
         try:
+            # internal: gevent.socket.socket._sock
             chunk: bytes = self.sock._sock.recv(65536)
         except BlockingIOError:
             return None
@@ -121,6 +122,7 @@ class Connection:
         if self.backlog:
             return self._enqueue(data)
         try:
+            # internal: gevent.socket.socket._sock
             sent = self.sock._sock.send(data)
         except BlockingIOError:
             sent = 0
@@ -156,6 +158,7 @@ class Connection:
                     return  # closed while waiting (the close dropped the backlog)
                 data = backlog[0]
                 try:
+                    # internal: gevent.socket.socket._sock
                     sent = self.sock._sock.send(data)
                 except BlockingIOError:
                     continue

@@ -140,6 +140,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 
     # --- heartbeat
 
+    # internal: engineio.socket.Socket.schedule_ping
     def schedule_ping(self) -> None:
         """Ping in ``ping_interval`` seconds (python-engineio: after each pong)."""
         if self.last_ping:  # type: ignore[has-type]
@@ -175,6 +176,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
     #: cut off for not fetching them (nothing more is queued)
     _cut = False
 
+    # internal: engineio.socket.Socket.send
     def send(self, pkt: eio_packet.Packet) -> None:
         """Send a packet: straight to the WebSocket, or into the polling queue (bounded)."""
         ws = self.ws
@@ -203,6 +205,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 
     # --- polling
 
+    # internal: engineio.socket.Socket.poll
     def poll(self) -> list[eio_packet.Packet]:
         if self.polling_now:
             # Two GETs at once: refuse this one and end the session; the
@@ -220,6 +223,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
     def _slow_close(self) -> None:
         self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
+    # internal: engineio.socket.Socket.handle_post_request
     def handle_post_request(self, environ: dict[str, Any]) -> None:
         """Receive the packets of a polling POST.
 
@@ -259,6 +263,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             log.info("closing Engine.IO session: %s", exc)
             self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
 
+    # internal: engineio.socket.Socket.receive
     def receive(self, pkt: eio_packet.Packet) -> None:
         if pkt.packet_type == eio_packet.MESSAGE or pkt.packet_type in (
                 eio_packet.PONG, eio_packet.CLOSE):
@@ -270,6 +275,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
             # there) and UPGRADE outside an upgrade are not Engine.IO 4.
             raise ProtocolViolation(f"unexpected packet type {pkt.packet_type}")
 
+    # internal: engineio.socket.Socket.close
     def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         if self.closed or self.closing:
             return
@@ -285,6 +291,7 @@ class EngineSocket(eio_socket.Socket):  # type: ignore[misc]
 
     # --- websocket
 
+    # internal: engineio.socket.Socket._upgrade_websocket
     def _upgrade_websocket(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         accept = environ.get(ACCEPT_KEY)
         if accept is None or self.upgraded:
@@ -409,6 +416,7 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
     timers: Timers
     sequence_number: int
 
+    # internal: engineio.server.Server.generate_id
     def generate_id(self) -> str:
         """A session id exactly as python-engineio makes one (12 random bytes and a
         sequence number, base64), with the random bytes read ahead (app/process.py):
@@ -417,12 +425,14 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         self.sequence_number = (self.sequence_number + 1) & 0xFFFFFF
         return sid.decode("ascii").replace("/", "_").replace("+", "-")
 
+    # internal: engineio.server.Server._bad_request
     def _bad_request(self, message: str | None = None) -> dict[str, Any]:
         return _json_response(400, "bad_request", message or "Bad request.")
 
     def _forbidden(self, message: str) -> dict[str, Any]:
         return _json_response(403, "origin_not_allowed", message)
 
+    # internal: engineio.server.Server._ok
     def _ok(self, packets: list[eio_packet.Packet] | None = None, headers: list[Any] | None = None,
             jsonp_index: int | None = None) -> dict[str, Any]:
         if packets is None:
@@ -431,11 +441,13 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         result: dict[str, Any] = super()._ok(packets, headers=headers)
         return result
 
+    # internal: engineio.server.Server.handle_request
     def handle_request(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         """Answer one Engine.IO HTTP request (python-engineio 4.15's, made strict)."""
         response = self._route(environ, start_response)
         if not isinstance(response, dict):
             return response  # a websocket session that has ended
+        # internal: engineio.Server._cors_headers
         headers = response["headers"] + self._cors_headers(environ)
         body = response["response"]
         if self.http_compression and len(body) >= self.compression_threshold:
@@ -451,6 +463,7 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
     def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         origin = environ.get("HTTP_ORIGIN")
         if origin and self.cors_allowed_origins != []:
+            # internal: engineio.Server._cors_allowed_origins
             allowed = self._cors_allowed_origins(environ)
             if allowed is not None and origin not in allowed:
                 return self._forbidden("This Origin is not allowed: list it in ORGCAST_CORS_ORIGINS.")
@@ -522,6 +535,7 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
             return self._bad_request("transport=websocket needs a WebSocket upgrade request.")
         return self._handle_connect(environ, start_response, transport)
 
+    # internal: engineio.server.Server._handle_connect
     def _handle_connect(self, environ: dict[str, Any], start_response: Callable[..., Any],
                         transport: str, jsonp_index: int | None = None) -> Any:
         """Open a session (python-engineio's, with our socket class and exact timings)."""
@@ -530,11 +544,13 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         self.sockets[sid] = s
         s.send(eio_packet.Packet(eio_packet.OPEN, {
             "sid": sid,
+            # internal: engineio.Server._upgrades
             "upgrades": self._upgrades(sid, transport),
             "pingTimeout": round(self.ping_timeout * 1000),
             "pingInterval": round((self.ping_interval + self.ping_interval_grace_period) * 1000),
             "maxPayload": self.max_http_buffer_size,
         }))
+        # internal: engineio.Server._trigger_event
         accepted = self._trigger_event("connect", sid, environ, run_async=False)
         if accepted is not None and accepted is not True:
             del self.sockets[sid]
@@ -557,6 +573,7 @@ class EngineServer(engineio.Server):  # type: ignore[misc]
         if socket is not None:
             socket.close(wait=False, abort=False, reason=self.reason.TRANSPORT_ERROR)
 
+    # internal: engineio.server.Server.disconnect
     def disconnect(self, sid: str | None = None) -> None:
         """Close one session (or all), never waiting for a client to drain it."""
         sids = [sid] if sid is not None else list(self.sockets)

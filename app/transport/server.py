@@ -136,12 +136,14 @@ class RoomsManager(socketio.Manager):  # type: ignore[misc]
         super().__init__()
         self._rooms_of: dict[str, dict[str, list[Any]]] = {}
 
+    # internal: socketio.manager.Manager.basic_enter_room
     def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: str | None = None) -> None:
         super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
         rooms = self._rooms_of.setdefault(namespace, {}).setdefault(sid, [])
         if room not in rooms:
             rooms.append(room)
 
+    # internal: socketio.manager.Manager.basic_leave_room
     def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)
         rooms = self._rooms_of.get(namespace, {}).get(sid)
@@ -150,6 +152,7 @@ class RoomsManager(socketio.Manager):  # type: ignore[misc]
             if not rooms:
                 del self._rooms_of[namespace][sid]
 
+    # internal: socketio.manager.Manager.basic_disconnect
     def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
         if namespace not in self.rooms:
             return
@@ -163,6 +166,7 @@ class RoomsManager(socketio.Manager):  # type: ignore[misc]
                 if not pending[namespace]:
                     del pending[namespace]
 
+    # internal: socketio.manager.Manager.get_rooms
     def get_rooms(self, sid: str, namespace: str) -> list[Any]:
         return [room for room in self._rooms_of.get(namespace, {}).get(sid, ()) if room is not None]
 
@@ -197,11 +201,13 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         #: X-Forwarded-For came from a peer that is not a trusted proxy (warned once; /admin shows it)
         self.untrusted_forwarding = False
 
+    # internal: socketio.server.Server._engineio_server_class
     def _engineio_server_class(self) -> type[EngineServer]:
         return EngineServer
 
     # --- admission deadline
 
+    # internal: socketio.server.Server._handle_eio_connect
     def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
         """Open a session, unless its address holds too many that are not admitted (429)."""
         address = client_address(environ, self._trusted)
@@ -253,11 +259,13 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
             session = self.eio.sockets[eio_sid]
             session._later(self.eio.disconnect, eio_sid)
 
+    # internal: socketio.server.Server._handle_eio_disconnect
     def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         self._admitted(eio_sid)  # no longer pending, whatever it was
         self._attachments.pop(eio_sid, None)
         super()._handle_eio_disconnect(eio_sid, reason)
 
+    # internal: socketio.server.Server.disconnect
     def disconnect(self, sid: str, namespace: str | None = None, ignore_queue: bool = False) -> None:
         """Disconnect a socket, and close its connection soon after (Node's ``disconnect(true)``).
 
@@ -304,6 +312,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         handler.replay(sid, missed)
         return str(sid)
 
+    # internal: socketio.server.Server._handle_connect
     def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         """Admit a CONNECT to "/" (python-socketio's, in orgcast's order).
 
@@ -315,6 +324,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         try:
             admission = handler.admission(self.environ.get(eio_sid, {}), data, eio_sid)
         except socketio.exceptions.ConnectionRefusedError as exc:
+            # internal: socketio.Server._send_packet
             self._send_packet(eio_sid, self.packet_class(sio_packet.CONNECT_ERROR, data=exc.error_args,
                                                          namespace=NAMESPACE))
             return
@@ -328,12 +338,14 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         missed = handler.admit(sid, admission)
         pid = handler.pid_of(sid)
         ack: dict[str, Any] = {"sid": sid} if pid is None else {"sid": sid, "pid": pid}
+        # internal: socketio.Server._send_packet
         self._send_packet(eio_sid, self.packet_class(sio_packet.CONNECT, ack, namespace=NAMESPACE))
         self.manager.connect(sid, NAMESPACE)
         handler.replay(sid, missed)
 
     # --- packets
 
+    # internal: socketio.server.Server._handle_eio_message
     def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:
             self._dispatch(eio_sid, data)
@@ -360,6 +372,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         kind = pkt.packet_type
         if kind == sio_packet.CONNECT:
             if namespace != NAMESPACE or admitted:
+                # internal: socketio.Server._send_packet
                 self._send_packet(eio_sid, self.packet_class(
                     sio_packet.CONNECT_ERROR, data=connect_error("namespace_invalid"),
                     namespace=namespace))
@@ -373,6 +386,7 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
         if not admitted:
             raise PacketError(f"packet type {kind} for a namespace the client is not in")
         if kind == sio_packet.DISCONNECT:
+            # internal: socketio.Server._handle_disconnect
             self._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
             self._arm(eio_sid)
         elif kind in (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK):
@@ -382,8 +396,10 @@ class SocketServer(socketio.Server):  # type: ignore[misc]
                 self._attachments[eio_sid] = pkt.attachment_count
             log.debug("ignored a binary packet from a client")
         elif kind == sio_packet.EVENT:
+            # internal: socketio.Server._handle_event
             self._handle_event(eio_sid, namespace, pkt.id, pkt.data)
         else:
+            # internal: socketio.Server._handle_ack
             self._handle_ack(eio_sid, namespace, pkt.id, pkt.data)
 
 

@@ -72,6 +72,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 
+# internal: geventwebsocket.websocket.WebSocket._is_valid_close_code
 _is_valid_close_code = _GeventWebSocket._is_valid_close_code
 
 
@@ -331,6 +332,7 @@ class WebSocket(Connection):
         sent = False
         if not self.backlog:
             try:
+                # internal: gevent.socket.socket._sock
                 self.sock._sock.send(frame)
                 sent = True
             except OSError:
@@ -361,6 +363,7 @@ class WebSocket(Connection):
     def _discard(self) -> None:
         # Lingering after our close: drop what the peer still sends, until it closes.
         try:
+            # internal: gevent.socket.socket._sock
             if self.sock._sock.recv(65536):
                 return
         except BlockingIOError:
