@@ -52,6 +52,7 @@ class Metrics:
         if multiprocess_dir():
             # prometheus-client's own multiprocess values, with the process id
             # cached (it asks at every change: a system call each).
+            # internal: prometheus_client.values.{ValueClass,MultiProcessValue}
             prometheus_values.ValueClass = prometheus_values.MultiProcessValue(  # type: ignore[no-untyped-call]
                 process_identifier=process.pid)
         self.registry = registry = CollectorRegistry()

@@ -1,6 +1,6 @@
 """Every name orgcast takes from a library's inside is marked where it is used, and still there.
 
-python-engineio, python-socketio, gevent, gevent-websocket and gunicorn do
+python-engineio, python-socketio, gevent, gevent-websocket, gunicorn and prometheus-client do
 not promise their private names, nor the methods orgcast overrides; setup.cfg
 bounds their versions to the releases the suite ran on. Each such use in
 ``app/`` carries a mark, ``# internal: module.Class.name`` (or
