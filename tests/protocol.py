@@ -167,6 +167,29 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> HttpReply:
     return HttpReply(status, headers, body[:length], closed)
 
 
+def _hex_address(address: tuple[str, int]) -> str:
+    host, port = address[:2]
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def wait_until_read_by_server(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Wait until the server has read everything sent on ``sock``: its end's receive queue
+    (Linux's /proc/net/tcp) is empty. A gevent server runs a request from its read to
+    its first wait without yielding, so after this the request is waiting in the
+    server, not on the way to it: a barrier where a sleep would only hope."""
+    client, server = _hex_address(sock.getsockname()), _hex_address(sock.getpeername())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as table:
+            queues = {(f[1], f[2]): f[4].split(":") for f in (line.split() for line in table.read().splitlines()[1:])}
+        # the client's bytes acknowledged (so in the server's queue or read), and that queue empty
+        sent, read = queues.get((client, server)), queues.get((server, client))
+        if sent and read and int(sent[0], 16) == 0 and int(read[1], 16) == 0:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the server did not read the request")
+
+
 def upgrade_request(path: str, headers: dict[str, str] | None = None) -> bytes:
     """A WebSocket upgrade request line and headers, as a browser sends them."""
     lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",

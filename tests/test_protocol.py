@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +16,7 @@ import pytest
 import requests
 import websocket
 from conftest import API_KEY, Server, base_env, start_gunicorn
-from protocol import SUITE_ENV, RawSession, raw_http, upgrade_request
+from protocol import SUITE_ENV, RawSession, raw_http, read_response, upgrade_request, wait_until_read_by_server
 
 ALICE = {"token": "tok-alice", "organizationId": "org-a"}
 
@@ -347,36 +347,34 @@ def test_an_oversized_polling_post_says_so(suite_server: Server) -> None:
     assert requests.get(poll_url(suite_server, sid), timeout=5).status_code == 400
 
 
+def _pending_get(server: Server, sid: str) -> socket.socket:
+    """A GET of the session, sent raw and read by the server: it is waiting there now."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\n"
+                 f"Host: 127.0.0.1\r\n\r\n".encode())
+    wait_until_read_by_server(sock)
+    return sock
+
+
 def test_a_duplicate_get_is_400_at_once_and_the_pending_one_gets_close(suite_server: Server) -> None:
     sid = polling_open(suite_server)
-    results: dict[str, Any] = {}
-
-    def first_get() -> None:
-        results["first"] = requests.get(poll_url(suite_server, sid), timeout=5)
-
-    pending = threading.Thread(target=first_get)
-    pending.start()
-    time.sleep(0.05)  # the first GET must be waiting before the second arrives
-    started = time.monotonic()
-    second = requests.get(poll_url(suite_server, sid) + "&t=burst", timeout=5)
-    assert time.monotonic() - started < 0.25
-    assert second.status_code == 400
-    assert "duplicate GET" in second.json()["error"]["message"]
-    pending.join(5)
-    assert results["first"].status_code == 200 and results["first"].text == "1"
+    with _pending_get(suite_server, sid) as pending:
+        started = time.monotonic()
+        second = requests.get(poll_url(suite_server, sid) + "&t=burst", timeout=5)
+        assert time.monotonic() - started < 0.25
+        assert second.status_code == 400
+        assert "duplicate GET" in second.json()["error"]["message"]
+        first = read_response(pending)
+    assert first.status == 200 and first.body == b"1"
     assert requests.get(poll_url(suite_server, sid), timeout=5).status_code == 400
 
 
 def test_a_pending_get_of_a_session_the_client_closes_gets_noop(suite_server: Server) -> None:
     sid = polling_open(suite_server)
-    results: dict[str, Any] = {}
-    pending = threading.Thread(
-        target=lambda: results.setdefault("get", requests.get(poll_url(suite_server, sid), timeout=5)))
-    pending.start()
-    time.sleep(0.05)
-    assert requests.post(poll_url(suite_server, sid), data="1", timeout=5).status_code == 200
-    pending.join(5)
-    assert results["get"].status_code == 200 and results["get"].text == "6"
+    with _pending_get(suite_server, sid) as pending:
+        assert requests.post(poll_url(suite_server, sid), data="1", timeout=5).status_code == 200
+        reply = read_response(pending)
+    assert reply.status == 200 and reply.body == b"6"
     assert requests.get(poll_url(suite_server, sid), timeout=5).status_code == 400
 
 
