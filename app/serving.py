@@ -496,6 +496,15 @@ class RedactingLogger(Logger):  # type: ignore[misc]
                                      else _wrap(handler.formatter))
         setup_logging(settings.log_level, settings.log_format)
 
+    # internal: gunicorn.glogging.Logger.access
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        try:
+            self.access_log.info(self.cfg.access_log_format, AccessAtoms(self, resp, req, environ, request_time))
+        except Exception:
+            self.exception("the access log line could not be written")
+
     # internal: gunicorn.glogging.Logger.atoms
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
@@ -503,6 +512,50 @@ class RedactingLogger(Logger):  # type: ignore[misc]
             if isinstance(value, str):
                 atoms[key] = redact(value)
         return atoms
+
+
+class AccessAtoms(dict[str, Any]):
+    """gunicorn's access-log atoms, each built, redacted and quoted (as its ``SafeAtoms``) only
+    when the format names it.
+
+    gunicorn builds all of them for every request: one per environ key and
+    header, ~50, each of which had to be redacted, for a line that uses six.
+    That was 190 µs a request (85 without the redaction), a seventh of a
+    connect's CPU in the connect profile. The atoms of the default format are
+    built here; any other comes from gunicorn's own ``atoms`` (built once).
+    """
+
+    def __init__(self, logger: RedactingLogger, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        super().__init__()
+        self._args = (resp, req, environ, request_time)
+        self._logger = logger
+        self._all: dict[str, Any] | None = None
+
+    def __bool__(self) -> bool:
+        return True  # logging passes a mapping on only if it is true (this one starts empty)
+
+    def __missing__(self, key: str) -> Any:
+        resp, req, environ, request_time = self._args
+        if key == "h":
+            value: Any = environ.get("REMOTE_ADDR", "-")
+        elif key == "r":
+            value = f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}"
+        elif key == "s":
+            value = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        elif key == "b":
+            value = getattr(resp, "sent", None) is not None and str(resp.sent) or "-"
+        elif key == "M":
+            value = request_time.seconds * 1000 + int(request_time.microseconds / 1000)
+        elif key == "a":
+            value = environ.get("HTTP_USER_AGENT", "-")
+        else:
+            if self._all is None:
+                self._all = Logger.atoms(self._logger, resp, req, environ, request_time)
+            value = self._all.get(key.lower() if key.startswith("{") else key, "-")
+        if isinstance(value, str):
+            value = redact(value).replace('"', '\\"')
+        self[key] = value
+        return value
 
 
 def _wrap(formatter: Any) -> Any:

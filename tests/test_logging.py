@@ -281,3 +281,40 @@ def test_tracebacks_are_capped_per_place() -> None:
     late = record(10)
     assert limiter.filter(late)
     assert "dropped 3 similar tracebacks" in late.getMessage()
+
+
+@pytest.mark.parametrize("fmt", ['%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
+                                 '%(h)s %(m)s %(q)s "%({authorization}i)s" %({X-Missing}i)s %(zz)s %(L)s'])
+def test_access_lines_are_gunicorn_s_own_with_secrets_redacted(fmt: str) -> None:
+    """The atoms built only when the format names them (serving.AccessAtoms) make gunicorn's
+    line, any format's, with every secret redacted and a missing atom '-'."""
+    import datetime
+    import io
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+    from gunicorn.workers.ggevent import GeventResponse
+
+    from app.serving import RedactingLogger
+
+    secret = "tok-" + "9" * 30
+    environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1",
+               "RAW_URI": f"/socket.io/?EIO=4&token={secret}", "QUERY_STRING": f"EIO=4&token={secret}",
+               "PATH_INFO": "/socket.io/", "HTTP_USER_AGENT": 'curl "8"', "HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    headers = [("User-Agent", 'curl "8"'), ("Authorization", f"Bearer {secret}")]
+    lines = []
+    for cls in (Logger, RedactingLogger):
+        cfg = Config()
+        cfg.set("accesslog", "-")
+        cfg.set("access_log_format", fmt)
+        logger = cls(cfg)
+        out = io.StringIO()
+        for handler in logger.access_log.handlers:
+            handler.stream = out
+        logger.access(GeventResponse("202 Accepted", [], 31), headers, environ, datetime.timedelta(seconds=0.0123))
+        line = [text for text in out.getvalue().splitlines() if "10.0.0.7" in text][-1]
+        lines.append(line[line.index("10.0.0.7"):])  # (after any prefix another test's set-up left)
+    plain, ours = lines
+    assert secret in plain and secret not in ours and REDACTED in ours
+    # the same line as gunicorn's where no secret is
+    assert [w for w in ours.split() if REDACTED not in w] == [w for w in plain.split() if secret not in w]
