@@ -163,14 +163,18 @@ def tree_of(root: int, procs: dict[int, tuple[int, float]]) -> set[int]:
     return out
 
 
-def _core_ticks() -> dict[int, tuple[int, int, int]]:
-    """{core: (total, idle + iowait, irq + softirq)} in ticks."""
+def _core_ticks() -> dict[int, tuple[int, int, int, int]]:
+    """{core: (total, idle + iowait, irq + softirq, steal)} in ticks.
+
+    Steal is time the hypervisor gave this virtual core to another machine:
+    counted as busy, it lands in ``unaccounted`` (so in other work), and
+    ``steal_pct`` says how much of that it was."""
     cores = {}
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith("cpu") and line[3].isdigit():
             name, *vals = line.split()
             ticks = [int(v) for v in vals[:8]]
-            cores[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4], ticks[5] + ticks[6])
+            cores[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4], ticks[5] + ticks[6], ticks[7])
     return cores
 
 
@@ -189,7 +193,7 @@ class CpuMeter:
         self.last = self._read()
 
     @staticmethod
-    def _read() -> tuple[float, dict[int, tuple[int, int, int]], dict[int, tuple[int, float]]]:
+    def _read() -> tuple[float, dict[int, tuple[int, int, int, int]], dict[int, tuple[int, float]]]:
         return time.monotonic(), _core_ticks(), all_process_cpu()
 
     def lap(self) -> dict[str, Any]:
@@ -212,9 +216,10 @@ class CpuMeter:
             "server_pct": round(used({self.pid}), 1) if self.pid else None,
             "postgres_pct": round(used(tree_of(self.pg_root, procs1)), 1) if self.pg_root else None,
         }
-        task_busy = irq = 0.0
+        task_busy = irq = steal = 0.0
         for core in sorted(c1):
-            total, idle, irqs = (c1[core][k] - c0.get(core, (0, 0, 0))[k] for k in range(3))
+            total, idle, irqs, stolen = (c1[core][k] - c0.get(core, (0, 0, 0, 0))[k] for k in range(4))
+            steal += 100 * stolen / total if total > 0 else 0.0
             share = (total - idle) / total if total > 0 else 0.0
             out[f"core{core}_busy_pct"] = round(100 * share, 1)
             task_busy += 100 * (total - idle - irqs) / total if total > 0 else 0.0
@@ -224,6 +229,7 @@ class CpuMeter:
         gone_pct = max(0.0, task_busy - ours_pct - others_pct - kernel_pct)
         out.update({"kernel_threads_pct": round(kernel_pct, 1), "irq_pct": round(irq, 1),
                     "other_processes_pct": round(others_pct, 1), "unaccounted_pct": round(gone_pct, 1),
+                    "steal_pct": round(steal, 1),
                     "other_work_pct": round(others_pct + gone_pct, 1)})
         if others_pct >= 5.0:
             # who it was (the three busiest processes that are not ours)
@@ -247,9 +253,11 @@ def run_repeating(what: str, runs: list[dict[str, Any]], left: int, once: Callab
         busy = other(r) if other is not None else float((r.get("cpu") or {}).get("other_work_pct") or 0.0)
         if "error" in r or busy <= DISTURBED_PCT or left <= 0:
             return left
-        r["discarded"] = f"other work took ~{busy:.0f}% of a core; repeated"
+        steal = (r.get("cpu") or {}).get("steal_pct")
+        stolen = f", of which the hypervisor's steal ~{steal:.0f}%" if steal else ""
+        r["discarded"] = f"other work took ~{busy:.0f}% of a core{stolen}; repeated"
         left -= 1
-        log(f"  {what}: disturbed by other work (~{busy:.0f}% of a core), repeating it ({left} repeats left)")
+        log(f"  {what}: disturbed by other work (~{busy:.0f}% of a core{stolen}), repeating it ({left} repeats left)")
 
 
 def print_footer(elapsed: float, runs: list[dict[str, Any]], kept: list[dict[str, Any]], noisy: list[str],

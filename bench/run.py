@@ -237,7 +237,8 @@ def run_one(name: str, scenario: str, ctx: Context, round_no: int, dsn: str) -> 
               "background_before": background})
     if "cpu" in r:
         log(f"  {name} {scenario}: {r['seconds']:.0f}s; other work on the machine "
-            f"~{fmt(r['cpu'].get('other_work_pct'), 0)}% of a core")
+            f"~{fmt(r['cpu'].get('other_work_pct'), 0)}% of a core (hypervisor steal "
+            f"~{fmt(r['cpu'].get('steal_pct'), 0)}%)")
     return r
 
 

@@ -101,7 +101,6 @@ class Orgcast(Server):
             "BIND": f"{HOST}:{self.port}",
             "ORGCAST_API_KEYS": API_KEY,
             "WEB_CONCURRENCY": str(self.workers),
-            "ORGCAST_ACCESS_LOG": "false",
             "ORGCAST_WORKER_CONNECTIONS": str(WORKER_CONNECTIONS),
             "ORGCAST_MAX_PENDING_PER_ADDRESS": str(MAX_PENDING_PER_ADDRESS),
         })
